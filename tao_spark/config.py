@@ -1,0 +1,319 @@
+"""Configuration: one dataclass per stage, loaded from ``conf/*.yaml`` with dotted overrides.
+
+    from tao_spark.config import load_config
+    cfg = load_config("conf/local.yaml", ["generate.n=8", "ingest.max_prompt_chars=8000"])
+
+Every field has a default and a one-line help (the ``help`` metadata). Each dataclass checks itself in
+``__post_init__``; a bad value raises ``ConfigError`` naming the dotted key, so a typo in a YAML file or
+an override fails before any Spark job starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range; the message names the dotted key."""
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {why}")
+
+
+@dataclass
+class SparkConfig:
+    remote: str | None = _f(None, "Spark Connect URL (sc://host:port); None starts an embedded Sail server")
+    master: str | None = _f(None, "classic JVM Spark master (local[2], yarn, ...); no Delta jars needed here")
+    app_name: str = _f("tao_spark", "Spark application name")
+    shuffle_partitions: int = _f(4, "spark.sql.shuffle.partitions; small because the embedded tables are small")
+    conf: dict[str, str] = _f({}, "extra Spark conf passed to the session builder")
+
+    def __post_init__(self) -> None:
+        _check(self.remote is None or self.remote.startswith("sc://"), "spark.remote", "must start with sc://")
+        _check(not (self.remote and self.master), "spark.master", "set spark.remote or spark.master, not both")
+        _check(self.shuffle_partitions >= 1, "spark.shuffle_partitions", "must be >= 1")
+
+
+@dataclass
+class IngestConfig:
+    max_prompt_chars: int = _f(16000, "longest accepted prompt text (characters, all turns); exactly this is accepted")
+    default_task: str = _f("default", "task of a row that names none")
+    max_line_bytes: int = _f(1_000_000, "lines longer than this are quarantined without parsing")
+    max_json_depth: int = _f(32, "deeper JSON nesting is quarantined (guards against nesting bombs)")
+    commit_retries: int = _f(8, "MERGE retries on a Delta write conflict with a concurrent writer")
+
+    def __post_init__(self) -> None:
+        _check(self.max_prompt_chars >= 1, "ingest.max_prompt_chars", "must be >= 1")
+        _check(bool(self.default_task.strip()), "ingest.default_task", "must not be empty")
+        _check(self.max_line_bytes >= 1024, "ingest.max_line_bytes", "must be >= 1024")
+        _check(2 <= self.max_json_depth <= 1000, "ingest.max_json_depth", "must be in [2, 1000]")
+        _check(self.commit_retries >= 0, "ingest.commit_retries", "must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("smollm2-135m-instruct", "policy: a local HF folder, an MLflow models:/ URI, or the bundled default name")
+    dtype: str = _f("float32", "torch dtype for CPU work; bfloat16 on GPU")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "model.path", "must not be empty")
+        _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32, bfloat16 or float16")
+
+
+@dataclass
+class GenerateConfig:
+    engine: str = _f("transformers", "transformers (CPU/GPU) or vllm (GPU executors)")
+    n: int = _f(4, "candidates sampled per prompt")
+    temperature: float = _f(0.8, "sampling temperature; diversity is what gives select something to choose from")
+    top_p: float = _f(0.95, "nucleus sampling mass")
+    max_new_tokens: int = _f(96, "completion length cap; report finish_reason=length beside rewards")
+    seed: int = _f(0, "base seed; each prompt's streams derive from it and the prompt id, so re-runs repeat")
+    batch_size: int = _f(8, "prompts per engine call inside one partition")
+    partitions: int = _f(2, "Spark partitions for the fan-out (at most one per core on CPU)")
+    torch_threads: int = _f(0, "intra-op threads per partition; 0 = cores // partitions (oversubscription is 5-10x slower)")
+
+    def __post_init__(self) -> None:
+        _check(self.engine in ("transformers", "vllm"), "generate.engine", "transformers or vllm")
+        _check(self.n >= 1, "generate.n", "must be >= 1")
+        _check(self.temperature >= 0, "generate.temperature", "must be >= 0")
+        _check(0 < self.top_p <= 1, "generate.top_p", "must be in (0, 1]")
+        _check(self.max_new_tokens >= 1, "generate.max_new_tokens", "must be >= 1")
+        _check(self.batch_size >= 1, "generate.batch_size", "must be >= 1")
+        _check(self.partitions >= 1, "generate.partitions", "must be >= 1")
+        _check(self.torch_threads >= 0, "generate.torch_threads", "must be >= 0")
+
+
+@dataclass
+class RewardSpec:
+    name: str = _f("", "column name of this component in `scores`")
+    fn: str = _f("", "built-in reward (instruction_following, json_key, numeric_answer, length_penalty) or module:function")
+    weight: float = _f(1.0, "weight in the combined reward")
+    model: str | None = _f(None, "model URI for model-based rewards (models:/tao-reward@champion)")
+    params: dict[str, Any] = _f({}, "keyword arguments for the reward")
+
+
+@dataclass
+class ScoreConfig:
+    rewards: list[RewardSpec] = _f([], "reward components; combined = sum(weight * value) / sum(weight)")
+    partitions: int = _f(2, "Spark partitions for scoring")
+
+    def __post_init__(self) -> None:
+        self.rewards = [r if isinstance(r, RewardSpec) else _build(RewardSpec, r, f"score.rewards[{i}]")
+                        for i, r in enumerate(self.rewards)]
+        names = [r.name for r in self.rewards]
+        for i, r in enumerate(self.rewards):
+            _check(bool(r.name), f"score.rewards[{i}].name", "must not be empty")
+            _check(bool(r.fn or r.model), f"score.rewards[{i}].fn", "set fn or model")
+            _check(r.weight >= 0, f"score.rewards[{i}].weight", "must be >= 0")
+        _check(len(set(names)) == len(names), "score.rewards", f"duplicate names in {names}")
+        _check(self.partitions >= 1, "score.partitions", "must be >= 1")
+
+
+@dataclass
+class SelectConfig:
+    min_margin: float = _f(0.05, "smallest best-minus-worst reward gap that makes a preference pair")
+    strategy: str = _f("best_worst", "best_worst: the best vs. the worst candidate of each prompt")
+
+    def __post_init__(self) -> None:
+        _check(self.min_margin >= 0, "select.min_margin", "must be >= 0")
+        _check(self.strategy in ("best_worst",), "select.strategy", "best_worst")
+
+
+@dataclass
+class TrainConfig:
+    method: str = _f("dpo", "dpo (TRL DPOTrainer on pairs) or sft (best-of-N through SFTTrainer)")
+    backend: str = _f("torch", "torch (TorchDistributor) or deepspeed (DeepspeedTorchDistributor, GPU only)")
+    num_processes: int = _f(1, "distributor processes")
+    use_gpu: bool = _f(False, "train on GPUs")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha")
+    lora_dropout: float = _f(0.0, "LoRA dropout")
+    lora_target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                        "modules that get adapters")
+    merge: bool = _f(True, "also save a merged model (same inference cost as the base)")
+    trl: dict[str, Any] = _f({}, "passed straight to DPOConfig / SFTConfig")
+
+    def __post_init__(self) -> None:
+        _check(self.method in ("dpo", "sft"), "train.method", "dpo or sft")
+        _check(self.backend in ("torch", "deepspeed"), "train.backend", "torch or deepspeed")
+        _check(self.num_processes >= 1, "train.num_processes", "must be >= 1")
+        _check(self.lora_r >= 1, "train.lora_r", "must be >= 1")
+        _check(0 <= self.lora_dropout < 1, "train.lora_dropout", "must be in [0, 1)")
+        _check(not (self.backend == "deepspeed" and not self.use_gpu), "train.backend",
+               "deepspeed needs train.use_gpu=true (DeepspeedTorchDistributor refuses CPU)")
+
+
+@dataclass
+class EvaluateConfig:
+    holdout_fraction: float = _f(0.2, "share of the snapshot's prompts held out from training (stable by prompt_id)")
+    max_prompts: int = _f(0, "cap on held-out prompts evaluated; 0 = all")
+    temperature: float = _f(0.0, "0 = greedy, as a deployed model answers")
+    max_new_tokens: int = _f(96, "answer length cap for both models")
+    bootstrap: int = _f(2000, "bootstrap resamples for the win-rate interval")
+    seed: int = _f(0, "bootstrap seed")
+
+    def __post_init__(self) -> None:
+        _check(0 < self.holdout_fraction < 1, "evaluate.holdout_fraction", "must be in (0, 1)")
+        _check(self.max_prompts >= 0, "evaluate.max_prompts", "must be >= 0")
+        _check(self.temperature >= 0, "evaluate.temperature", "must be >= 0")
+        _check(self.bootstrap >= 100, "evaluate.bootstrap", "must be >= 100")
+
+
+@dataclass
+class GateConfig:
+    min_win_rate_low: float = _f(0.5, "promote only if the win-rate interval's lower end is above this")
+    max_task_drop: float = _f(0.05, "refuse if any task's mean reward falls by more than this")
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.min_win_rate_low <= 1, "gate.min_win_rate_low", "must be in [0, 1]")
+        _check(self.max_task_drop >= 0, "gate.max_task_drop", "must be >= 0")
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None = _f(None, "None = sqlite:///$TAO_HOME/mlflow.db")
+    experiment: str = _f("tao", "experiment name")
+    model_name: str = _f("tao-policy", "registered model name")
+
+
+@dataclass
+class Config:
+    home: str = _f("", "root of everything written locally (lakehouse, MLflow, model cache); '' = $TAO_HOME or ./.tao")
+    lakehouse: str = _f("", "Delta table root; '' = <home>/lakehouse")
+    spark: SparkConfig = _f(None, "Spark session")
+    ingest: IngestConfig = _f(None, "prompt-log ingestion")
+    model: ModelConfig = _f(None, "policy model")
+    generate: GenerateConfig = _f(None, "candidate generation")
+    score: ScoreConfig = _f(None, "reward scoring")
+    select: SelectConfig = _f(None, "preference selection")
+    train: TrainConfig = _f(None, "fine-tuning")
+    evaluate: EvaluateConfig = _f(None, "label-free evaluation")
+    gate: GateConfig = _f(None, "promotion gate")
+    mlflow: MlflowConfig = _f(None, "tracking and registry")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is None:
+                setattr(self, f.name, _hint(Config, f.name)())
+        self.home = str(Path(self.home or os.environ.get("TAO_HOME") or ".tao").resolve())
+        self.lakehouse = self.lakehouse or str(Path(self.home) / "lakehouse")
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"sqlite:///{Path(self.home) / 'mlflow.db'}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """Stable hash of the resolved config, tagged on every MLflow run."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _hint(cls: type, name: str) -> Any:
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(value, inner, key)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin is list:
+        _check(isinstance(value, list), key, f"expected a list, got {value!r}")
+        (inner,) = typing.get_args(hint)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        _check(isinstance(value, bool), key, f"expected true/false, got {value!r}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    _check(isinstance(value, hint) and not (hint is int and isinstance(value, bool)), key,
+           f"expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    _check(isinstance(data, dict), prefix or "config", f"expected a mapping, got {data!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        _check(k in names, f"{prefix}.{k}" if prefix else k, f"unknown key (known: {', '.join(sorted(names))})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or 'config'}: {e}") from e
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Set ``a.b.c=value`` in a nested mapping; the value is parsed as YAML (8 -> int, true -> bool)."""
+    key, sep, raw = override.partition("=")
+    _check(bool(sep) and bool(key), override, "an override looks like section.key=value")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+        _check(isinstance(node, dict), key, "cannot set a key inside a non-mapping value")
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        # PyYAML reads 1e-5 as a string (YAML 1.1); a learning rate on the command line means a number.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (default: the packaged ``conf/local.yaml`` next to the repo, if any) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        _check(isinstance(loaded, dict), str(path), "a config file is a mapping of sections")
+        data = loaded
+    for o in overrides or []:
+        apply_override(data, o)
+    return _build(Config, data, "")
+
+
+def default_config_path() -> Path | None:
+    """``conf/local.yaml`` of a source checkout, or ``$TAO_CONFIG``."""
+    env = os.environ.get("TAO_CONFIG")
+    if env:
+        return Path(env)
+    p = Path(__file__).resolve().parent.parent / "conf" / "local.yaml"
+    return p if p.exists() else None
