@@ -1,0 +1,191 @@
+"""The ``tao`` command: one subcommand per stage plus lakehouse inspection.
+
+    tao ingest prompts.jsonl --task support --json
+    tao sql "SELECT task, count(*) AS n FROM prompts GROUP BY task" --json
+    tao tables
+    tao history prompts
+    tao round generate.n=8
+
+Every command takes ``--config FILE`` (default ``conf/local.yaml`` of the checkout, or ``$TAO_CONFIG``) and
+dotted overrides (``section.key=value``) anywhere among its arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tao_spark.config import Config, ConfigError, default_config_path, load_config
+
+Handler = Callable[[argparse.Namespace, Config], int]
+COMMANDS: dict[str, tuple[str, Handler, Callable[[argparse.ArgumentParser], None]]] = {}
+
+
+def command(name: str, help: str, args: Callable[[argparse.ArgumentParser], None] = lambda p: None
+            ) -> Callable[[Handler], Handler]:
+    def wrap(fn: Handler) -> Handler:
+        COMMANDS[name] = (help, fn, args)
+        return fn
+    return wrap
+
+
+def _context(cfg: Config) -> tuple[Any, Any]:
+    from tao_spark.session import get_spark
+    from tao_spark.tables import Tables
+
+    spark = get_spark(cfg.spark)
+    return spark, Tables(spark, cfg.lakehouse)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (dt.datetime, dt.date)):
+        return v.isoformat()
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if hasattr(v, "asDict"):
+        return _jsonable(v.asDict(recursive=True))
+    if isinstance(v, (bytes, bytearray)):
+        return v.hex()
+    if hasattr(v, "item"):  # numpy scalars and decimals
+        return v.item()
+    return v
+
+
+def print_table(rows: list[dict[str, Any]], max_width: int = 60) -> None:
+    if not rows:
+        print("(no rows)")
+        return
+    cols = list(rows[0])
+    cells = [[str(_jsonable(r.get(c)))[:max_width] for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _ingest_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", help="JSONL (.jsonl, .jsonl.gz), CSV or Parquet files")
+    p.add_argument("--task", help="task of rows that name none")
+    p.add_argument("--source", default="file", help="source recorded on every row")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the counts")
+
+
+@command("ingest", "append prompt files to the Delta prompt log", _ingest_args)
+def _ingest(a: argparse.Namespace, cfg: Config) -> int:
+    from tao_spark.ingest import ingest
+
+    missing = [p for p in a.paths if not Path(p).is_file()]
+    if missing:
+        print(f"tao ingest: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    spark, tables = _context(cfg)
+    r = ingest(spark, tables, a.paths, cfg.ingest, task=a.task, source=a.source)
+    if a.json:
+        print(json.dumps(r.to_json()))
+    else:
+        print(f"batch {r.batch_id}: {r.offered} offered, {r.accepted} accepted, {r.duplicates} duplicates, "
+              f"{r.quarantined} quarantined; prompts is now at version {r.prompts_version}")
+        for reason, n in sorted(r.reasons.items(), key=lambda x: -x[1]):
+            print(f"  quarantined {n:>5}  {reason}")
+    return 0
+
+
+def _sql_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("query", help="Spark SQL; every tao table is registered by name")
+    p.add_argument("--json", action="store_true", help="print a JSON array of row objects")
+    p.add_argument("--limit", type=int, default=1000, help="rows printed at most (table output)")
+
+
+@command("sql", "run Spark SQL over the tao tables", _sql_args)
+def _sql(a: argparse.Namespace, cfg: Config) -> int:
+    spark, tables = _context(cfg)
+    tables.register()
+    df = spark.sql(a.query)
+    if a.json:
+        print(json.dumps([_jsonable(r.asDict(recursive=True)) for r in df.collect()], ensure_ascii=False))
+    else:
+        print_table([r.asDict(recursive=True) for r in df.limit(a.limit).collect()])
+    return 0
+
+
+@command("tables", "list tables with row counts and Delta versions")
+def _tables(a: argparse.Namespace, cfg: Config) -> int:
+    from tao_spark.tables import SCHEMAS
+
+    _, tables = _context(cfg)
+    rows = []
+    for name in SCHEMAS:
+        if tables.exists(name):
+            rows.append({"table": name, "rows": tables.read(name).count(), "version": tables.snapshot(name),
+                         "path": tables.path(name)})
+    if not rows:
+        print(f"no tables yet under {cfg.lakehouse}; start with `tao ingest FILE`")
+        return 0
+    print_table(rows, max_width=100)
+    return 0
+
+
+def _history_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("table", help="table name")
+    p.add_argument("--json", action="store_true", help="print the raw history as JSON")
+
+
+@command("history", "show a table's Delta history", _history_args)
+def _history(a: argparse.Namespace, cfg: Config) -> int:
+    _, tables = _context(cfg)
+    hist = tables.history(a.table)
+    if a.json:
+        print(json.dumps(_jsonable(hist)))
+        return 0
+    rows = []
+    for h in hist:
+        m = h.get("operationMetrics") or {}
+        rows.append({
+            "version": h.get("version"),
+            "timestamp": dt.datetime.fromtimestamp(h["timestamp"] / 1000, dt.timezone.utc).isoformat(timespec="seconds"),
+            "operation": h.get("operation"),
+            "rows_written": m.get("numTargetRowsInserted", m.get("numOutputRows")),
+            "engine": h.get("engineInfo"),
+        })
+    print_table(rows, max_width=100)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tao", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML config (default: conf/local.yaml or $TAO_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help, _, add_args) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--config", default=argparse.SUPPRESS, help="YAML config")
+        add_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Dotted overrides may stand anywhere; a path that happens to contain "=" stays a path.
+    overrides = [x for x in argv if "=" in x and not x.startswith("-") and "." in x.split("=")[0]
+                 and not Path(x).exists()]
+    rest = [x for x in argv if x not in overrides]
+    args = build_parser().parse_args(rest)
+    try:
+        path = args.config or default_config_path()
+        cfg = load_config(path, overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"tao: config error: {e}", file=sys.stderr)
+        return 2
+    return COMMANDS[args.command][1](args, cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Ingest: append prompt files to the Delta prompt log, quarantining what cannot be used.
+
+    tao ingest prompts.jsonl more.csv --task support --json
+
+Every offered row ends up in exactly one place: inserted into ``prompts``, counted as a duplicate of a
+prompt already there (this batch or an earlier one), or written to ``quarantine`` with its reason, so
+``offered == accepted + duplicates + quarantined``. Re-ingesting a file inserts nothing new.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import sys
+import unicodedata
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pyspark.sql import SparkSession
+
+from tao_spark.config import IngestConfig
+from tao_spark.tables import SCHEMAS, Tables, columns
+
+ROLES = ("system", "user", "assistant")
+KNOWN_FIELDS = {"prompt", "messages", "task", "id", "metadata", "received_at"}
+# How much of a rejected line the quarantine keeps: enough to debug, not a copy of a 1 MB blob.
+RAW_KEEP_CHARS = 4096
+
+
+class Reject(Exception):
+    """A row that goes to quarantine; the message is the reason."""
+
+
+@dataclasses.dataclass
+class IngestResult:
+    batch_id: str
+    offered: int
+    accepted: int
+    duplicates: int
+    quarantined: int
+    prompts_version: int
+    reasons: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        del d["reasons"]
+        return d
+
+
+def prompt_id(task: str, messages: list[dict[str, str]]) -> str:
+    """Stable id of a prompt: task plus the normalized chat (NFC, stripped content)."""
+    canon = json.dumps([task, [[m["role"], m["content"]] for m in messages]], ensure_ascii=False)
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:32]
+
+
+def _norm(text: str) -> str:
+    return unicodedata.normalize("NFC", text).strip()
+
+
+def _depth(obj: Any, limit: int) -> int:
+    """Nesting depth of a parsed JSON value, iteratively, so a deep value cannot blow the stack."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        node, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > limit:
+            return deepest
+        if isinstance(node, dict):
+            stack.extend((v, d + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, d + 1) for v in node)
+    return deepest
+
+
+def _check_text(text: str, what: str) -> None:
+    if "\x00" in text:
+        raise Reject(f"NUL character in {what}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Reject(f"invalid unicode (lone surrogate) in {what}") from None
+
+
+def _parse_messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise Reject("malformed chat: messages must be a non-empty list")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            raise Reject(f"malformed chat: messages[{i}] must be an object with exactly role and content")
+        if m["role"] not in ROLES:
+            raise Reject(f"malformed chat: messages[{i}].role must be one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise Reject(f"malformed chat: messages[{i}].content must be a string")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "user":
+        raise Reject("malformed chat: the last turn must be from the user")
+    return out
+
+
+def _parse_time(value: Any, now: datetime) -> datetime:
+    if value is None:
+        return now
+    if not isinstance(value, str):
+        raise Reject("received_at must be an ISO-8601 string")
+    try:
+        t = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise Reject(f"unparsable received_at: {value[:64]!r}") from None
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+
+def build_row(
+    obj: Any, cfg: IngestConfig, *, task: str | None, source: str, now: datetime
+) -> dict[str, Any]:
+    """Validate one parsed record and return its ``prompts`` row; raise ``Reject`` with the reason."""
+    if not isinstance(obj, dict):
+        raise Reject(f"not a JSON object ({type(obj).__name__})")
+    has_prompt, has_messages = obj.get("prompt") is not None, obj.get("messages") is not None
+    if has_prompt and has_messages:
+        raise Reject("both prompt and messages given")
+    if has_prompt:
+        if not isinstance(obj["prompt"], str):
+            raise Reject("prompt must be a string")
+        messages = [{"role": "user", "content": obj["prompt"]}]
+    elif has_messages:
+        messages = _parse_messages(obj["messages"])
+    else:
+        raise Reject("missing field: prompt or messages")
+    row_task = obj.get("task", task or cfg.default_task)
+    if not isinstance(row_task, str) or not row_task.strip():
+        raise Reject("task must be a non-empty string")
+    row_task = _norm(row_task)
+    client_id = obj.get("id")
+    if client_id is not None and not isinstance(client_id, str):
+        raise Reject("id must be a string")
+    metadata = obj.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise Reject("metadata must be an object")
+    extra = {k: v for k, v in obj.items() if k not in KNOWN_FIELDS}
+    metadata = {**extra, **metadata}
+
+    for i, m in enumerate(messages):
+        _check_text(m["content"], f"messages[{i}].content")
+        m["content"] = _norm(m["content"])
+        if not m["content"]:
+            raise Reject(f"empty text in messages[{i}]")
+    total = sum(len(m["content"]) for m in messages)
+    if total > cfg.max_prompt_chars:
+        raise Reject(f"text too long: {total} > ingest.max_prompt_chars={cfg.max_prompt_chars}")
+    _check_text(row_task, "task")
+    meta_json = json.dumps(metadata, ensure_ascii=False, default=str)
+    _check_text(meta_json, "metadata")
+    return {
+        "prompt_id": prompt_id(row_task, messages),
+        "task": row_task,
+        "messages": messages,
+        "prompt": messages[-1]["content"],
+        "client_id": client_id,
+        "source": source,
+        "received_at": _parse_time(obj.get("received_at"), now),
+        "metadata": meta_json,
+    }
+
+
+def _escape(raw: bytes) -> str:
+    return raw[:RAW_KEEP_CHARS].decode("utf-8", errors="backslashreplace")
+
+
+def _read_bytes(path: Path) -> bytes:
+    if path.suffix == ".gz":
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    return path.read_bytes()
+
+
+def iter_records(path: Path, data: bytes, cfg: IngestConfig) -> Iterator[tuple[int, bytes, Any]]:
+    """Yield (line number, raw bytes, parsed object or Reject) for every non-blank record of a file."""
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith((".jsonl", ".json", ".ndjson")):
+        yield from _iter_jsonl(data, cfg)
+    elif name.endswith(".csv"):
+        yield from _iter_csv(data)
+    elif name.endswith(".parquet"):
+        yield from _iter_parquet(data)
+    else:
+        raise ValueError(f"{path}: unsupported file type (use .jsonl, .jsonl.gz, .csv or .parquet)")
+
+
+def _iter_jsonl(data: bytes, cfg: IngestConfig) -> Iterator[tuple[int, bytes, Any]]:
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.removesuffix(b"\r")
+        if not raw.strip():
+            continue
+        if len(raw) > cfg.max_line_bytes:
+            yield lineno, raw, Reject(f"line too long: {len(raw)} bytes > ingest.max_line_bytes={cfg.max_line_bytes}")
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield lineno, raw, Reject(f"invalid UTF-8 at byte {e.start}")
+            continue
+        try:
+            obj = json.loads(text)
+        except RecursionError:
+            yield lineno, raw, Reject(f"JSON nested deeper than ingest.max_json_depth={cfg.max_json_depth}")
+            continue
+        except json.JSONDecodeError as e:
+            yield lineno, raw, Reject(f"unparsable JSON: {e.msg} at column {e.colno}")
+            continue
+        if _depth(obj, cfg.max_json_depth) > cfg.max_json_depth:
+            yield lineno, raw, Reject(f"JSON nested deeper than ingest.max_json_depth={cfg.max_json_depth}")
+            continue
+        yield lineno, raw, obj
+
+
+def _tabular_record(row: dict[str, Any]) -> dict[str, Any]:
+    """A CSV/Parquet row as a JSONL-style record: prompt, task, id; other columns become metadata."""
+    rec: dict[str, Any] = {}
+    meta: dict[str, Any] = {}
+    for k, v in row.items():
+        if v is None or (isinstance(v, float) and v != v):
+            continue
+        if k in ("prompt", "messages", "task", "id", "received_at"):
+            rec[k] = v
+        else:
+            meta[k] = v
+    if meta:
+        rec["metadata"] = meta
+    return rec
+
+
+def _iter_csv(data: bytes) -> Iterator[tuple[int, bytes, Any]]:
+    text = data.decode("utf-8-sig", errors="surrogateescape")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames is None or "prompt" not in reader.fieldnames:
+        raise ValueError(f"CSV needs a 'prompt' column (found: {reader.fieldnames})")
+    for row in reader:
+        # The reader's line counter sits on the row's last line; a header is line 1.
+        raw = json.dumps(row, ensure_ascii=False).encode("utf-8", errors="surrogateescape")
+        rec = {k: (v if v != "" or k == "prompt" else None) for k, v in row.items() if k is not None}
+        try:
+            for v in rec.values():
+                if isinstance(v, str):
+                    v.encode("utf-8")
+        except UnicodeEncodeError:
+            yield reader.line_num, raw, Reject("invalid UTF-8")
+            continue
+        yield reader.line_num, raw, _tabular_record(rec)
+
+
+def _iter_parquet(data: bytes) -> Iterator[tuple[int, bytes, Any]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(data))
+    if "prompt" not in table.column_names and "messages" not in table.column_names:
+        raise ValueError(f"Parquet needs a 'prompt' column (found: {table.column_names})")
+    for i, row in enumerate(table.to_pylist(), start=1):
+        raw = json.dumps(row, ensure_ascii=False, default=str).encode("utf-8", errors="backslashreplace")
+        rec = _tabular_record(row)
+        if isinstance(rec.get("received_at"), datetime):
+            rec["received_at"] = rec["received_at"].isoformat()
+        yield i, raw, rec
+
+
+def ingest(
+    spark: SparkSession,
+    tables: Tables,
+    paths: list[str | Path],
+    cfg: IngestConfig,
+    *,
+    task: str | None = None,
+    source: str = "file",
+) -> IngestResult:
+    """Append the prompts of ``paths`` to ``prompts``; quarantine bad rows; return the batch's counts."""
+    batch_id = uuid.uuid4().hex
+    now = datetime.now(timezone.utc)
+    rows: dict[str, dict[str, Any]] = {}
+    bad: list[dict[str, Any]] = []
+    offered = in_batch_dups = 0
+    reasons: dict[str, int] = {}
+    for p in map(Path, paths):
+        data = _read_bytes(p)
+        sha = hashlib.sha256(data).hexdigest()
+        for lineno, raw, rec in iter_records(p, data, cfg):
+            offered += 1
+            try:
+                if isinstance(rec, Reject):
+                    raise rec
+                row = build_row(rec, cfg, task=task, source=source, now=now)
+            except Reject as r:
+                reason = str(r)
+                reasons[reason.split(":")[0]] = reasons.get(reason.split(":")[0], 0) + 1
+                bad.append({"target": "prompts", "source_sha256": sha, "line": lineno, "batch_id": batch_id,
+                            "source_file": str(p), "raw": _escape(raw), "reason": reason, "ingested_at": now})
+                continue
+            if row["prompt_id"] in rows:
+                in_batch_dups += 1
+                continue
+            rows[row["prompt_id"]] = {**row, "source_file": str(p), "ingested_at": now, "batch_id": batch_id}
+
+    accepted = 0
+    if rows:
+        pdf = pd.DataFrame(list(rows.values()), columns=columns("prompts"))
+        accepted = tables.merge("prompts", spark.createDataFrame(pdf, SCHEMAS["prompts"]),
+                                retries=cfg.commit_retries)
+    else:
+        tables.ensure("prompts")
+    if bad:
+        tables.merge("quarantine", spark.createDataFrame(pd.DataFrame(bad, columns=columns("quarantine")),
+                                                         SCHEMAS["quarantine"]), retries=cfg.commit_retries)
+    result = IngestResult(
+        batch_id=batch_id, offered=offered, accepted=accepted,
+        duplicates=in_batch_dups + len(rows) - accepted, quarantined=len(bad),
+        prompts_version=tables.snapshot("prompts"), reasons=reasons,
+    )
+    print(f"tao: ingest: {result.offered} offered, {result.accepted} accepted, {result.duplicates} duplicates, "
+          f"{result.quarantined} quarantined -> prompts v{result.prompts_version}", file=sys.stderr)
+    return result
+

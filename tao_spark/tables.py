@@ -1,0 +1,199 @@
+"""The lakehouse: the Delta tables that are the only contract between stages.
+
+    from tao_spark.tables import Tables
+    tables = Tables(spark, cfg.lakehouse)
+    v = tables.snapshot("prompts")          # current Delta version, pinned by later stages
+    df = tables.read("prompts", version=v)  # exactly that version (VERSION AS OF)
+
+Writes are ``MERGE INTO`` on each table's key, so any stage can be re-run without doubling rows. Table
+history comes from delta-rs (``deltalake``) because Sail has no ``DESCRIBE HISTORY``.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+
+SCHEMAS: dict[str, str] = {
+    "prompts": (
+        "prompt_id string, task string, messages array<struct<role:string,content:string>>, prompt string, "
+        "client_id string, source string, source_file string, received_at timestamp, ingested_at timestamp, "
+        "batch_id string, metadata string"
+    ),
+    "quarantine": (
+        "target string, source_sha256 string, line long, batch_id string, source_file string, raw string, "
+        "reason string, ingested_at timestamp"
+    ),
+    "candidates": (
+        "round_id string, prompt_id string, candidate_idx int, task string, completion string, tokens int, "
+        "finish_reason string, policy string, policy_id string, sampling string, seed long, created_at timestamp"
+    ),
+    "scores": (
+        "round_id string, prompt_id string, candidate_idx int, reward_name string, value double, "
+        "created_at timestamp"
+    ),
+    "preferences": (
+        "round_id string, prompt_id string, task string, chosen_idx int, rejected_idx int, chosen string, "
+        "rejected string, chosen_score double, rejected_score double, margin double, strategy string, "
+        "created_at timestamp"
+    ),
+    "evaluations": (
+        "round_id string, prompt_id string, task string, challenger string, champion string, "
+        "challenger_reward double, champion_reward double, challenger_tokens int, champion_tokens int, "
+        "challenger_scores string, champion_scores string, winner string, created_at timestamp"
+    ),
+    "rounds": (
+        "round_id string, status string, prompts_version long, n_prompts long, n_train long, n_holdout long, "
+        "base_model string, policy_id string, tuned_model string, mlflow_run_id string, model_version string, "
+        "promoted boolean, gate_reason string, metrics string, config_hash string, git_commit string, "
+        "started_at timestamp, finished_at timestamp"
+    ),
+}
+
+KEYS: dict[str, tuple[str, ...]] = {
+    "prompts": ("prompt_id",),
+    "quarantine": ("target", "source_sha256", "line"),
+    "candidates": ("round_id", "prompt_id", "candidate_idx"),
+    "scores": ("round_id", "prompt_id", "candidate_idx", "reward_name"),
+    "preferences": ("round_id", "prompt_id"),
+    "evaluations": ("round_id", "prompt_id"),
+    "rounds": ("round_id",),
+}
+
+# Messages a Delta commit conflict carries, across Sail, delta-rs and delta-spark.
+_CONFLICT_MARKERS = ("conflict", "concurrent", "already exists", "commit failed", "failed to commit")
+
+
+def columns(name: str) -> list[str]:
+    """Column names of a table, in schema order (for building pandas frames that match it)."""
+    parts, depth, cur = [], 0, ""
+    for ch in SCHEMAS[name]:  # split on top-level commas only, not those inside struct<...>
+        depth += (ch == "<") - (ch == ">")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip().split(" ")[0] for p in parts]
+
+
+class TableNotFound(LookupError):
+    """A table that no stage has written yet."""
+
+
+class Tables:
+    """Named Delta tables under one lakehouse root."""
+
+    def __init__(self, spark: SparkSession, root: str) -> None:
+        self.spark = spark
+        self.root = root.rstrip("/")
+        if "://" not in self.root:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> str:
+        if name not in SCHEMAS:
+            raise KeyError(f"unknown table {name!r} (known: {', '.join(SCHEMAS)})")
+        return f"{self.root}/{name}"
+
+    def ref(self, name: str) -> str:
+        """The SQL name of a table: ``delta.`<path>```, valid in MERGE, SELECT and VERSION AS OF."""
+        return f"delta.`{self.path(name)}`"
+
+    def exists(self, name: str) -> bool:
+        from deltalake import DeltaTable
+
+        return DeltaTable.is_deltatable(self.path(name))
+
+    def ensure(self, name: str) -> None:
+        """Create ``name`` empty with its schema if it does not exist; safe when two writers race."""
+        if self.exists(name):
+            return
+        try:
+            self.spark.createDataFrame([], SCHEMAS[name]).write.format("delta").save(self.path(name))
+        except Exception:
+            if not self.exists(name):
+                raise
+
+    def snapshot(self, name: str) -> int:
+        """The current Delta version of ``name``: what a stage pins for lineage."""
+        from deltalake import DeltaTable
+
+        if not self.exists(name):
+            raise TableNotFound(f"table {name!r} does not exist yet under {self.root}")
+        return int(DeltaTable(self.path(name)).version())
+
+    def read(self, name: str, version: int | None = None) -> DataFrame:
+        if not self.exists(name):
+            raise TableNotFound(f"table {name!r} does not exist yet under {self.root}")
+        reader = self.spark.read.format("delta")
+        if version is not None:
+            reader = reader.option("versionAsOf", int(version))
+        return reader.load(self.path(name))
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        from deltalake import DeltaTable
+
+        if not self.exists(name):
+            raise TableNotFound(f"table {name!r} does not exist yet under {self.root}")
+        return list(DeltaTable(self.path(name)).history())
+
+    def merge(self, name: str, df: DataFrame, *, update: bool = False, retries: int = 8) -> int:
+        """MERGE ``df`` into ``name`` on the table's key; insert new keys, update matched ones only if ``update``.
+
+        Returns the number of rows the MERGE wrote. Retries on a Delta commit conflict with another writer
+        (optimistic concurrency): the MERGE re-reads the table, so a key another writer just inserted is
+        then matched instead of doubled.
+        """
+        self.ensure(name)
+        view = f"tao_src_{name}_{uuid.uuid4().hex[:8]}"
+        df.createOrReplaceTempView(view)
+        on = " AND ".join(f"t.{k} <=> s.{k}" for k in KEYS[name])
+        sql = f"MERGE INTO {self.ref(name)} AS t USING {view} AS s ON {on} "
+        if update:
+            sql += "WHEN MATCHED THEN UPDATE SET * "
+        sql += "WHEN NOT MATCHED THEN INSERT *"
+        try:
+            for attempt in range(retries + 1):
+                try:
+                    row = self.spark.sql(sql).collect()
+                    return _written(row)
+                except Exception as e:
+                    if attempt == retries or not any(m in str(e).lower() for m in _CONFLICT_MARKERS):
+                        raise
+                    # Jittered backoff so two racing writers do not collide again on the next version.
+                    time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
+                    print(f"tao: {name}: commit conflict, retrying ({attempt + 1}/{retries})", file=sys.stderr)
+            raise AssertionError("unreachable")
+        finally:
+            self.spark.catalog.dropTempView(view)
+
+    def register(self) -> list[str]:
+        """Expose every existing table under its plain name so ``SELECT ... FROM prompts`` works.
+
+        Temporary views rather than catalog tables: they are per session, so two lakehouses used from one
+        process never point a name at the wrong root, and dropping one never touches data.
+        """
+        names = []
+        for name in SCHEMAS:
+            if self.exists(name):
+                self.read(name).createOrReplaceTempView(name)
+                names.append(name)
+        return names
+
+
+def _written(rows: list[Any]) -> int:
+    if not rows:
+        return 0
+    d = rows[0].asDict()
+    # delta-spark reports num_affected_rows; Sail reports count.
+    for k in ("num_affected_rows", "count"):
+        if k in d and d[k] is not None:
+            return int(d[k])
+    return 0
