@@ -159,6 +159,48 @@ def _history(a: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _round_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--new", action="store_true", help="start a fresh round even if one is unfinished")
+    p.add_argument("--json", action="store_true", help="print the round's row as JSON")
+
+
+@command("round", "run one TAO round: generate, score, select, train, evaluate, register", _round_args)
+def _round(a: argparse.Namespace, cfg: Config) -> int:
+    from tao_spark import loop
+
+    _, tables = _context(cfg)
+    rnd = loop.run_round(tables, cfg, new=a.new)
+    print(json.dumps(_jsonable(rnd.__dict__), default=str) if a.json else loop.report(rnd, cfg))
+    return 0
+
+
+def _stage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--round", dest="round_id", help="round id (default: the latest unfinished round)")
+
+
+def _stage(name: str) -> Handler:
+    def run(a: argparse.Namespace, cfg: Config) -> int:
+        from tao_spark import loop
+
+        _, tables = _context(cfg)
+        rnd = loop.load(tables, a.round_id) if a.round_id else loop.latest_open(tables)
+        if rnd is None:
+            rnd = loop.start(tables, cfg)
+        rnd = loop.run_stage(tables, rnd, name, cfg)
+        print(loop.report(rnd, cfg))
+        return 0
+    return run
+
+
+for _name, _help in [("generate", "sample N candidates per training prompt"),
+                     ("score", "score every candidate with the configured rewards"),
+                     ("select", "build best-vs-worst preference pairs"),
+                     ("train", "fine-tune the policy on the round's pairs (TorchDistributor + TRL + LoRA)"),
+                     ("evaluate", "compare the tuned model with the baseline on held-out prompts"),
+                     ("register", "log the round to MLflow, register the model, apply the gate")]:
+    command(_name, _help, _stage_args)(_stage(_name))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tao", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML config (default: conf/local.yaml or $TAO_CONFIG)")

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class GenerateConfig:
     seed: int = _f(0, "base seed; each prompt's streams derive from it and the prompt id, so re-runs repeat")
     batch_size: int = _f(8, "prompts per engine call inside one partition")
     partitions: int = _f(2, "Spark partitions for the fan-out (at most one per core on CPU)")
+    max_prompts: int = _f(0, "cap on training prompts per round, taken in a stable order; 0 = all")
     torch_threads: int = _f(0, "intra-op threads per partition; 0 = cores // partitions (oversubscription is 5-10x slower)")
 
     def __post_init__(self) -> None:
@@ -99,6 +101,7 @@ class GenerateConfig:
         _check(self.batch_size >= 1, "generate.batch_size", "must be >= 1")
         _check(self.partitions >= 1, "generate.partitions", "must be >= 1")
         _check(self.torch_threads >= 0, "generate.torch_threads", "must be >= 0")
+        _check(self.max_prompts >= 0, "generate.max_prompts", "must be >= 0")
 
 
 @dataclass
@@ -242,7 +245,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
         return _coerce(value, inner, key)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
+        # A section whose keys are all commented out reads as None in YAML: it means "all defaults".
+        return _build(hint, {} if value is None else value, key)
     if origin is list:
         _check(isinstance(value, list), key, f"expected a list, got {value!r}")
         (inner,) = typing.get_args(hint)
@@ -279,6 +283,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}: {e}") from e
 
 
+_SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def apply_override(data: dict[str, Any], override: str) -> None:
     """Set ``a.b.c=value`` in a nested mapping; the value is parsed as YAML (8 -> int, true -> bool)."""
     key, sep, raw = override.partition("=")
@@ -289,12 +296,10 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         node = node.setdefault(p, {})
         _check(isinstance(node, dict), key, "cannot set a key inside a non-mapping value")
     value = yaml.safe_load(raw)
-    if isinstance(value, str):
+    if isinstance(value, str) and _SCI_FLOAT.fullmatch(value.strip()):
         # PyYAML reads 1e-5 as a string (YAML 1.1); a learning rate on the command line means a number.
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+        # Only that shape: float() would also turn a task named "nan" or "inf" into a number.
+        value = float(value)
     node[leaf] = value
 
 

@@ -31,11 +31,12 @@ SCHEMAS: dict[str, str] = {
         "reason string, ingested_at timestamp"
     ),
     "candidates": (
-        "round_id string, prompt_id string, candidate_idx int, task string, completion string, tokens int, "
+        "round_id string, purpose string, prompt_id string, candidate_idx int, task string, completion string, "
+        "tokens int, "
         "finish_reason string, policy string, policy_id string, sampling string, seed long, created_at timestamp"
     ),
     "scores": (
-        "round_id string, prompt_id string, candidate_idx int, reward_name string, value double, "
+        "round_id string, purpose string, prompt_id string, candidate_idx int, reward_name string, value double, "
         "created_at timestamp"
     ),
     "preferences": (
@@ -50,7 +51,7 @@ SCHEMAS: dict[str, str] = {
     ),
     "rounds": (
         "round_id string, status string, prompts_version long, n_prompts long, n_train long, n_holdout long, "
-        "base_model string, policy_id string, tuned_model string, mlflow_run_id string, model_version string, "
+        "base_model string, baseline_model string, policy_id string, tuned_model string, mlflow_run_id string, model_version string, "
         "promoted boolean, gate_reason string, metrics string, config_hash string, git_commit string, "
         "started_at timestamp, finished_at timestamp"
     ),
@@ -59,8 +60,9 @@ SCHEMAS: dict[str, str] = {
 KEYS: dict[str, tuple[str, ...]] = {
     "prompts": ("prompt_id",),
     "quarantine": ("target", "source_sha256", "line"),
-    "candidates": ("round_id", "prompt_id", "candidate_idx"),
-    "scores": ("round_id", "prompt_id", "candidate_idx", "reward_name"),
+    # purpose: train (sampled for selection) or eval_challenger / eval_champion (greedy answers to held-out prompts)
+    "candidates": ("round_id", "purpose", "prompt_id", "candidate_idx"),
+    "scores": ("round_id", "purpose", "prompt_id", "candidate_idx", "reward_name"),
     "preferences": ("round_id", "prompt_id"),
     "evaluations": ("round_id", "prompt_id"),
     "rounds": ("round_id",),

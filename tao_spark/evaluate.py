@@ -1,0 +1,167 @@
+"""Evaluate without labels: the tuned model against the deployed one on held-out prompts.
+
+    tao evaluate --round ROUND_ID
+
+Both models answer every held-out prompt (greedy by default, as a deployed model answers); the same
+rewards score both; the challenger wins a prompt when its combined reward is higher (ties count half).
+The win rate comes with a bootstrap 95% interval over prompts, per task too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from tao_spark import generate, score
+from tao_spark.config import Config
+from tao_spark.tables import SCHEMAS, Tables, columns
+
+ARMS = ("challenger", "champion")
+
+
+@dataclasses.dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    per_task: dict[str, dict[str, float]]
+    frame: pd.DataFrame  # one row per held-out prompt
+
+    def task_drops(self) -> dict[str, float]:
+        """How much each task's mean reward fell from champion to challenger (positive = worse)."""
+        return {t: m["champion_reward"] - m["challenger_reward"] for t, m in self.per_task.items()}
+
+
+def win_rate(outcomes: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of per-prompt outcomes (1 win, 0.5 tie, 0 loss) and its bootstrap 95% percentile interval."""
+    if len(outcomes) == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = outcomes[rng.integers(0, len(outcomes), size=(resamples, len(outcomes)))].mean(axis=1)
+    return float(outcomes.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def compliance_reward(cfg: Config) -> str | None:
+    """The reward component that checks stated constraints, if configured: its 1.0 means fully compliant."""
+    return next((r.name for r in cfg.score.rewards if r.fn == "instruction_following"), None)
+
+
+def summarize(frame: pd.DataFrame, cfg: Config) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Metrics over a frame with task, <arm>_reward, <arm>_tokens, <arm>_finish, <arm>_scores per prompt."""
+    ev = cfg.evaluate
+    strict = compliance_reward(cfg)
+
+    def block(df: pd.DataFrame, seed: int) -> dict[str, float]:
+        outcome = np.where(df.challenger_reward > df.champion_reward, 1.0,
+                           np.where(df.challenger_reward < df.champion_reward, 0.0, 0.5))
+        wr, lo, hi = win_rate(outcome, resamples=ev.bootstrap, seed=seed)
+        m = {"prompts": float(len(df)), "win_rate": wr, "win_rate_low": lo, "win_rate_high": hi,
+             "ties": float((outcome == 0.5).mean()) if len(df) else float("nan")}
+        for arm in ARMS:
+            m[f"{arm}_reward"] = float(df[f"{arm}_reward"].mean())
+            m[f"{arm}_tokens"] = float(df[f"{arm}_tokens"].mean())
+            m[f"{arm}_length_capped"] = float((df[f"{arm}_finish"] == "length").mean())
+            if strict:
+                vals = [json.loads(s).get(strict) for s in df[f"{arm}_scores"]]
+                applicable = [v for v in vals if v is not None]
+                if applicable:
+                    m[f"{arm}_compliance"] = float(np.mean([v >= 1.0 for v in applicable]))
+        return m
+
+    metrics = block(frame, ev.seed)
+    per_task = {t: block(g, ev.seed + i + 1) for i, (t, g) in enumerate(sorted(frame.groupby("task")))}
+    return metrics, per_task
+
+
+def _answers(tables: Tables, round_id: str, purpose: str) -> pd.DataFrame:
+    cands = tables.read("candidates").where(
+        (F.col("round_id") == round_id) & (F.col("purpose") == purpose) & (F.col("candidate_idx") == 0))
+    sc = tables.read("scores").where(
+        (F.col("round_id") == round_id) & (F.col("purpose") == purpose) & (F.col("candidate_idx") == 0))
+    scores = sc.groupBy("prompt_id").agg(
+        F.to_json(F.map_from_entries(F.collect_list(F.struct("reward_name", "value")))).alias("scores"))
+    return cands.join(scores, "prompt_id").select(
+        "prompt_id", "task", "completion", "tokens", "finish_reason", "policy", "scores").toPandas()
+
+
+def run(
+    tables: Tables, holdout: DataFrame, *, round_id: str, cfg: Config, challenger: tuple[str, str, str],
+    champion: tuple[str, str, str],
+) -> Evaluation:
+    """Answer, score and compare. ``challenger``/``champion`` are (model uri, local path, policy id)."""
+    gen_cfg = dataclasses.replace(cfg.generate, n=1, temperature=cfg.evaluate.temperature,
+                                  max_new_tokens=cfg.evaluate.max_new_tokens)
+    for arm, (uri, path, pid) in zip(ARMS, (challenger, champion)):
+        generate.run(tables, holdout, round_id=round_id, purpose=f"eval_{arm}",
+                     model=dataclasses.replace(cfg.model, path=uri), model_path=path, policy_id=pid, cfg=gen_cfg)
+        score.run(tables, holdout, round_id=round_id, purpose=f"eval_{arm}", cfg=cfg.score)
+    a, b = (_answers(tables, round_id, f"eval_{arm}") for arm in ARMS)
+    frame = a.merge(b, on=["prompt_id", "task"], suffixes=("_challenger", "_champion"))
+    for arm in ARMS:
+        frame[f"{arm}_reward"] = [json.loads(s).get(score.COMBINED) for s in frame[f"scores_{arm}"]]
+        frame[f"{arm}_tokens"] = frame[f"tokens_{arm}"]
+        frame[f"{arm}_finish"] = frame[f"finish_reason_{arm}"]
+        frame[f"{arm}_scores"] = frame[f"scores_{arm}"]
+    frame = frame.dropna(subset=["challenger_reward", "champion_reward"])
+    metrics, per_task = summarize(frame, cfg)
+
+    frame["winner"] = np.where(frame.challenger_reward > frame.champion_reward, "challenger",
+                               np.where(frame.challenger_reward < frame.champion_reward, "champion", "tie"))
+    rows = pd.DataFrame({
+        "round_id": round_id, "prompt_id": frame.prompt_id, "task": frame.task,
+        "challenger": frame.completion_challenger, "champion": frame.completion_champion,
+        "challenger_reward": frame.challenger_reward.astype(float),
+        "champion_reward": frame.champion_reward.astype(float),
+        "challenger_tokens": frame.challenger_tokens.astype("int32"),
+        "champion_tokens": frame.champion_tokens.astype("int32"),
+        "challenger_scores": frame.challenger_scores, "champion_scores": frame.champion_scores,
+        "winner": frame.winner, "created_at": pd.Timestamp.now(tz="UTC"),
+    }, columns=columns("evaluations"))
+    if len(rows):
+        tables.merge("evaluations", tables.spark.createDataFrame(rows, SCHEMAS["evaluations"]), update=True)
+    return Evaluation(metrics, per_task, frame)
+
+
+def fmt_interval(m: dict[str, Any]) -> str:
+    if math.isnan(m.get("win_rate", float("nan"))):
+        return "n/a"
+    return f"{m['win_rate']:.3f} [{m['win_rate_low']:.3f}, {m['win_rate_high']:.3f}]"
+
+
+def figures(frame: pd.DataFrame, per_task: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Reward histogram of both models and per-task win rates with intervals, for the MLflow run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs: dict[str, Any] = {}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if len(frame):
+        bins = np.linspace(min(frame.champion_reward.min(), frame.challenger_reward.min()),
+                           max(frame.champion_reward.max(), frame.challenger_reward.max()) + 1e-9, 21)
+        ax.hist(frame.champion_reward, bins=bins, alpha=0.6, label="before (champion)")
+        ax.hist(frame.challenger_reward, bins=bins, alpha=0.6, label="after (challenger)")
+    ax.set_xlabel("combined reward on held-out prompts")
+    ax.set_ylabel("prompts")
+    ax.legend()
+    fig.tight_layout()
+    figs["reward_histogram"] = fig
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    tasks = sorted(per_task)
+    wr = [per_task[t]["win_rate"] for t in tasks]
+    err = [[per_task[t]["win_rate"] - per_task[t]["win_rate_low"] for t in tasks],
+           [per_task[t]["win_rate_high"] - per_task[t]["win_rate"] for t in tasks]]
+    ax.bar(tasks, wr, yerr=err, capsize=4)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("challenger win rate (95% CI)")
+    fig.tight_layout()
+    figs["win_rate_by_task"] = fig
+    return figs
