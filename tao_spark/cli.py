@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 from tao_spark.config import Config, ConfigError, default_config_path, load_config
 
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 Handler = Callable[[argparse.Namespace, Config], int]
 COMMANDS: dict[str, tuple[str, Handler, Callable[[argparse.ArgumentParser], None]]] = {}
 
@@ -216,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # Dotted overrides may stand anywhere; a path that happens to contain "=" stays a path.
-    overrides = [x for x in argv if "=" in x and not x.startswith("-") and "." in x.split("=")[0]
-                 and not Path(x).exists()]
+    overrides = [x for x in argv if OVERRIDE.match(x) and not Path(x).exists()]
     rest = [x for x in argv if x not in overrides]
     args = build_parser().parse_args(rest)
     try:

@@ -1,0 +1,130 @@
+"""Config: every conf/*.yaml loads, dotted overrides apply, bad values fail naming their dotted key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from tao_spark.config import Config, ConfigError, GenerateConfig, RewardSpec, default_config_path, load_config
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+YAMLS = sorted(CONF.glob("*.yaml"))
+
+
+def test_conf_dir_has_yaml_files() -> None:
+    assert CONF / "local.yaml" in YAMLS
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
+def test_every_conf_yaml_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    for f in dataclasses.fields(cfg):  # every section is built into its dataclass, none left as a dict
+        value = getattr(cfg, f.name)
+        assert not isinstance(value, dict), f.name
+    assert all(isinstance(r, RewardSpec) for r in cfg.score.rewards)
+    assert cfg.digest() == load_config(path).digest()
+
+
+def test_local_yaml_values_reach_the_dataclasses() -> None:
+    cfg = load_config(CONF / "local.yaml")
+    assert cfg.spark.shuffle_partitions == 2
+    assert cfg.spark.remote is None  # embedded Sail
+    assert [r.name for r in cfg.score.rewards] == ["instruct", "json", "numeric", "length"]
+    assert cfg.score.rewards[3].weight == pytest.approx(0.2)
+
+
+def test_overrides_apply_over_the_file() -> None:
+    cfg = load_config(CONF / "local.yaml", [
+        "generate.n=8",
+        "train.trl.learning_rate=1e-5",
+        "train.trl.lr_scheduler_kwargs.min_lr=0",
+        "train.merge=false",
+        "ingest.max_prompt_chars=8000",
+        "ingest.default_task=support",
+    ])
+    assert cfg.generate.n == 8 and type(cfg.generate.n) is int
+    lr = cfg.train.trl["learning_rate"]
+    assert type(lr) is float and lr == pytest.approx(1e-5)
+    assert cfg.train.trl["lr_scheduler_kwargs"] == {"min_lr": 0}
+    assert cfg.train.merge is False
+    assert cfg.ingest.max_prompt_chars == 8000
+    assert cfg.ingest.default_task == "support"
+    assert cfg.generate.temperature == pytest.approx(0.8)  # untouched keys keep the file's value
+
+
+def test_override_without_file_and_int_to_float() -> None:
+    cfg = load_config(None, ["generate.temperature=1", "select.min_margin=0"])
+    assert type(cfg.generate.temperature) is float and cfg.generate.temperature == 1.0
+    assert cfg.select.min_margin == 0.0
+    assert cfg.generate == dataclasses.replace(GenerateConfig(), temperature=1.0)
+
+
+def test_digest_follows_the_values() -> None:
+    assert load_config(None, ["generate.n=8"]).digest() != load_config(None, ["generate.n=9"]).digest()
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["generate.nn=3"], "generate.nn"),
+    (["bogus.x=1"], "bogus"),
+    (["generate.n=abc"], "generate.n"),
+    (["generate.n=2.5"], "generate.n"),
+    (["generate.n=true"], "generate.n"),
+    (["train.lora_target_modules=q_proj"], "train.lora_target_modules"),
+    (["train.trl=5"], "train.trl"),
+    (["generate.top_p=1.5"], "generate.top_p"),
+    (["generate.n=0"], "generate.n"),
+    (["ingest.max_prompt_chars=0"], "ingest.max_prompt_chars"),
+    (["ingest.max_json_depth=5000"], "ingest.max_json_depth"),
+    (["spark.remote=http://x"], "spark.remote"),
+    (["train.backend=deepspeed"], "train.backend"),
+    (["score.rewards=[{name: a}]"], "score.rewards[0].fn"),
+    (["score.rewards=[{name: a, fn: f, weight: heavy}]"], "score.rewards[0].weight"),
+    (["score.rewards=[{name: a, fn: f}, {name: b, fn: g, colour: red}]"], "score.rewards[1].colour"),
+    (["score.rewards=[{name: a, fn: f}, {name: a, fn: g}]"], "score.rewards"),
+    (["generate"], "generate"),
+])
+def test_invalid_values_name_the_dotted_key(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(CONF / "local.yaml", overrides)
+    assert str(e.value).startswith(f"{key}:"), str(e.value)
+
+
+def test_invalid_value_in_a_yaml_file_names_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("generate:\n  n: 4\n  temprature: 0.7\n")
+    with pytest.raises(ConfigError, match=r"^generate\.temprature: unknown key"):
+        load_config(bad)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError):
+        load_config(bad)
+
+
+def test_home_and_lakehouse_follow_tao_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TAO_HOME", str(tmp_path / "h"))
+    cfg = load_config(None)
+    assert cfg.home == str(tmp_path / "h")
+    assert cfg.lakehouse == str(tmp_path / "h" / "lakehouse")
+    assert cfg.tracking_uri == f"sqlite:///{tmp_path / 'h' / 'mlflow.db'}"
+    assert load_config(None, [f"lakehouse={tmp_path / 'l'}"]).lakehouse == str(tmp_path / "l")
+
+
+def test_default_config_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TAO_CONFIG", raising=False)
+    assert default_config_path() == CONF / "local.yaml"
+    monkeypatch.setenv("TAO_CONFIG", str(tmp_path / "other.yaml"))
+    assert default_config_path() == tmp_path / "other.yaml"
+
+
+@pytest.mark.parametrize("word", ["nan", "inf", "Infinity", "1_000x"])
+def test_override_string_that_float_would_swallow_stays_a_string(word: str) -> None:
+    assert load_config(None, [f"ingest.default_task={word}"]).ingest.default_task == word
+
+
+def test_section_with_every_key_commented_out_means_defaults(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("spark:\n  # remote: sc://cluster:15002\ngenerate:\n  n: 2\n")
+    cfg = load_config(p)
+    assert cfg.spark.remote is None and cfg.generate.n == 2
