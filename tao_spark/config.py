@@ -107,7 +107,7 @@ class GenerateConfig:
 @dataclass
 class RewardSpec:
     name: str = _f("", "column name of this component in `scores`")
-    fn: str = _f("", "built-in reward (instruction_following, json_key, numeric_answer, length_penalty) or module:function")
+    fn: str = _f("", "built-in reward (instruction_following, json_key, numeric_answer, length_penalty, coherence) or module:function")
     weight: float = _f(1.0, "weight in the combined reward")
     model: str | None = _f(None, "model URI for model-based rewards (models:/tao-reward@champion)")
     params: dict[str, Any] = _f({}, "keyword arguments for the reward")

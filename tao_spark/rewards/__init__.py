@@ -1,0 +1,62 @@
+"""Rewards: plain callables ``(prompts, completions) -> list[float]``, one of the two extension points.
+
+    from tao_spark.config import RewardSpec
+    from tao_spark.rewards import load_reward
+    fn = load_reward(RewardSpec(name="len", fn="length_penalty", params={"target_words": 60}))
+    fn(["Explain tides."], ["Tides follow the moon."])   # [1.0]
+
+``prompts`` are the text of the last user turn, preceded by the system turn if there is one (joined by a blank
+line); ``completions`` are the model's answers. A reward returns NaN for a prompt it does not apply to (say,
+``json_key`` on a prompt that asks for no JSON); the score stage stores NaN as NULL and averages only the
+components that apply.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from typing import TYPE_CHECKING, Protocol
+
+from tao_spark.rewards import verifiers
+
+if TYPE_CHECKING:
+    from tao_spark.config import RewardSpec
+
+BUILTINS = ("instruction_following", "json_key", "numeric_answer", "length_penalty", "coherence")
+
+
+class RewardFn(Protocol):
+    """One score per (prompt, completion) pair: higher is better, NaN where the reward does not apply."""
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]: ...
+
+
+def load_reward(spec: RewardSpec) -> RewardFn:
+    """The callable ``spec`` names (a built-in or ``package.module:function``) with ``spec.params`` bound.
+
+    Parameters are checked against the function's signature here, so a misspelt one fails when the config is
+    loaded rather than inside a Spark task.
+    """
+    if not spec.fn:
+        raise ValueError(f"reward '{spec.name}': model-based rewards are loaded by tao_spark.rewards.model")
+    if ":" in spec.fn:
+        module_name, _, attr = spec.fn.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"reward '{spec.name}': cannot load {spec.fn!r}: {e}") from e
+    elif spec.fn in BUILTINS:
+        fn = getattr(verifiers, spec.fn)
+    else:
+        raise ValueError(f"reward '{spec.name}': unknown fn {spec.fn!r}; built-ins are {', '.join(BUILTINS)}, "
+                         "or give package.module:function")
+    if not callable(fn):
+        raise ValueError(f"reward '{spec.name}': {spec.fn!r} is not callable")
+    try:
+        inspect.signature(fn).bind([], [], **spec.params)
+    except TypeError as e:
+        raise ValueError(f"reward '{spec.name}': params {spec.params} do not fit {spec.fn}: {e}") from e
+    except ValueError:
+        pass  # a C callable may publish no signature; its params are then checked on the first call
+    return functools.partial(fn, **spec.params) if spec.params else fn
