@@ -1,0 +1,101 @@
+"""Model resolution: local folders, MLflow URIs against a real SQLite registry, and policy ids."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tao_spark.models import model_id, resolve_model
+
+
+def test_local_folder_passes_through(tiny_model: Path, tmp_path: Path) -> None:
+    assert resolve_model(str(tiny_model), str(tmp_path)) == str(tiny_model.resolve())
+
+
+def test_bad_specs_fail_clearly(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        resolve_model(str(tmp_path / "empty"), str(tmp_path))
+    with pytest.raises(ValueError, match="unknown model spec 'no/such/model'"):
+        resolve_model("no/such/model", str(tmp_path))
+
+
+def test_model_id_is_stable_and_tracks_weights(tiny_model: Path, tmp_path: Path) -> None:
+    from tests.tiny import make_tiny_model
+
+    copy = shutil.copytree(tiny_model, tmp_path / "copy")
+    assert model_id(str(tiny_model)) == model_id(str(copy))  # same weights, another place: same policy
+    assert model_id(str(tiny_model)) != model_id(str(make_tiny_model(tmp_path / "other", seed=1)))
+    with pytest.raises(ValueError, match="not a HF model folder"):
+        model_id(str(tmp_path))
+
+
+@pytest.fixture()
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)  # monkeypatch then restores the environment variable
+
+
+def test_mlflow_uris_download_once(registry: str, tiny_model: Path, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    # The layout registry code writes: the HF folder as run artifacts under "model", and a model version whose
+    # source is that folder (register_model needs a logged model in MLflow 3; create_model_version does not).
+    mlflow.set_experiment("models-test")
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(tiny_model), artifact_path="model")
+    client = MlflowClient()
+    client.create_registered_model("tiny-policy")
+    version = client.create_model_version("tiny-policy", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias("tiny-policy", "champion", version.version)
+
+    home = str(tmp_path / "home")
+    by_alias = resolve_model("models:/tiny-policy@champion", home)
+    assert (Path(by_alias) / "config.json").is_file()
+    assert model_id(by_alias) == model_id(str(tiny_model))
+    by_run = resolve_model(f"runs:/{run.info.run_id}/model", home)
+    assert model_id(by_run) == model_id(str(tiny_model))
+
+    # Threads resolving one new URI at once download it once (the lock), and nobody sees a partial folder.
+    calls: list[str] = []
+    real_download = mlflow.artifacts.download_artifacts
+
+    def counting_download(**kw: str) -> str:
+        calls.append(kw["artifact_uri"])
+        return real_download(**kw)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", counting_download)
+    home2 = str(tmp_path / "home2")
+    barrier = threading.Barrier(3)
+    got: list[str] = []
+
+    def worker() -> None:
+        barrier.wait()
+        got.append(resolve_model("models:/tiny-policy@champion", home2))
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(got) == 3 and len(set(got)) == 1
+    assert model_id(got[0]) == model_id(str(tiny_model))
+
+    def no_download(**_: object) -> None:
+        raise AssertionError("the cache should have answered")
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", no_download)
+    assert resolve_model("models:/tiny-policy@champion", home) == by_alias
+    assert resolve_model(f"models:/tiny-policy/{version.version}", home) == by_alias  # alias keyed by its version
+    assert resolve_model(f"runs:/{run.info.run_id}/model", home) == by_run
