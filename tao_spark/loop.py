@@ -177,9 +177,11 @@ def run_stage(tables: Tables, rnd: Round, stage: str, cfg: Config) -> Round:
     elif stage == "register":
         ev_frame = tables.read("evaluations").where(F.col("round_id") == rnd.round_id).toPandas()
         flat = {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        decision = registry.gate({k.removeprefix("eval_"): v for k, v in flat.items() if k.startswith("eval_")},
+                                 m.get("eval_task_drops", {}), cfg.gate)
         reg = registry.register(
             cfg, round_id=rnd.round_id, prompts_path=tables.path("prompts"), prompts_version=rnd.prompts_version,
-            metrics=flat, per_task=m.get("eval_per_task", {}), task_drops=m.get("eval_task_drops", {}),
+            metrics=flat, per_task=m.get("eval_per_task", {}), decision=decision,
             adapter_dir=str(out_dir / "train" / "adapter"), merged_dir=rnd.tuned_model or "",
             tags={"tao.base_model": rnd.base_model, "tao.baseline_model": rnd.baseline_model,
                   "tao.policy_id": rnd.policy_id or ""},

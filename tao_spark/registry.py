@@ -103,10 +103,10 @@ class Registration:
 
 def register(
     cfg: Config, *, round_id: str, prompts_path: str, prompts_version: int, metrics: dict[str, float],
-    per_task: dict[str, dict[str, float]], task_drops: dict[str, float], adapter_dir: str, merged_dir: str,
+    per_task: dict[str, dict[str, float]], decision: GateDecision, adapter_dir: str, merged_dir: str,
     tags: dict[str, str], figures: dict[str, Any], run_id: str | None = None,
 ) -> Registration:
-    """Log the round to MLflow, register the merged model, apply the gate. Resumes ``run_id`` if given."""
+    """Log the round to MLflow, register the merged model, move aliases by ``decision``. Resumes ``run_id``."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.data.delta_dataset_source import DeltaDatasetSource
@@ -114,7 +114,6 @@ def register(
 
     setup(cfg)
     client = MlflowClient()
-    decision = gate(metrics, task_drops, cfg.gate)
     with mlflow.start_run(run_id=run_id, run_name=round_id) as run:
         params = _flatten(cfg.to_dict())
         logged = run.data.params if run_id else {}
