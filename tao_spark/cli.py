@@ -172,7 +172,51 @@ def _round(a: argparse.Namespace, cfg: Config) -> int:
 
     _, tables = _context(cfg)
     rnd = loop.run_round(tables, cfg, new=a.new)
+    if rnd is None:
+        print(json.dumps(None) if a.json else "nothing to do: no new prompts since the last promoted round")
+        return 0
     print(json.dumps(_jsonable(rnd.__dict__), default=str) if a.json else loop.report(rnd, cfg))
+    return 0
+
+
+def _loop_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--rounds", type=int, help="stop after this many rounds (default: run until interrupted)")
+    g.add_argument("--once", action="store_true", help="one round, for schedulers (same as --rounds 1)")
+
+
+@command("loop", "run rounds on the growing prompt log: retune, test, promote, repeat", _loop_args)
+def _loop(a: argparse.Namespace, cfg: Config) -> int:
+    from tao_spark import loop
+
+    _, tables = _context(cfg)
+    try:
+        loop.run_loop(tables, cfg, rounds=1 if a.once else a.rounds)
+    except loop.Busy as e:
+        print(f"tao loop: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+@command("status", "the history of rounds as a table, and a plot of it in the latest MLflow run")
+def _status(a: argparse.Namespace, cfg: Config) -> int:
+    import mlflow
+
+    from tao_spark import loop, registry
+
+    _, tables = _context(cfg)
+    frame = loop.history(tables)
+    if frame.empty:
+        print("no rounds yet: run `tao round`")
+        return 0
+    print_table(frame.to_dict("records"), max_width=28)
+    runs = [r for r in frame.round_id if r]
+    latest = loop.load(tables, runs[-1])
+    if latest.mlflow_run_id:
+        registry.setup(cfg)
+        with mlflow.start_run(run_id=latest.mlflow_run_id):
+            mlflow.log_figure(loop.history_figure(frame), "plots/rounds.png")
+        print(f"plot: plots/rounds.png in MLflow run {latest.mlflow_run_id}")
     return 0
 
 

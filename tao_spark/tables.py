@@ -33,24 +33,28 @@ SCHEMAS: dict[str, str] = {
     "candidates": (
         "round_id string, purpose string, prompt_id string, candidate_idx int, task string, completion string, "
         "tokens int, "
-        "finish_reason string, policy string, policy_id string, sampling string, seed long, created_at timestamp"
+        "finish_reason string, policy string, policy_id string, sampling string, seed long, reused_from string, "
+        "created_at timestamp"
     ),
     "scores": (
         "round_id string, purpose string, prompt_id string, candidate_idx int, reward_name string, value double, "
-        "created_at timestamp"
+        "reward_key string, reused_from string, created_at timestamp"
     ),
     "preferences": (
         "round_id string, prompt_id string, task string, chosen_idx int, rejected_idx int, chosen string, "
         "rejected string, chosen_score double, rejected_score double, margin double, strategy string, "
         "created_at timestamp"
     ),
+    "locks": "name string, holder string, acquired_at timestamp, expires_at timestamp",
     "evaluations": (
         "round_id string, prompt_id string, task string, challenger string, champion string, "
         "challenger_reward double, champion_reward double, challenger_tokens int, champion_tokens int, "
         "challenger_scores string, champion_scores string, winner string, created_at timestamp"
     ),
     "rounds": (
-        "round_id string, status string, prompts_version long, n_prompts long, n_train long, n_holdout long, "
+        "round_id string, status string, prompts_version long, previous_version long, first_version long, "
+        "n_prompts long, n_train long, n_holdout long, "
+        "new_prompts long, reused_candidates long, new_candidates long, pairs long, "
         "base_model string, baseline_model string, policy_id string, tuned_model string, mlflow_run_id string, model_version string, "
         "promoted boolean, gate_reason string, metrics string, config_hash string, git_commit string, "
         "started_at timestamp, finished_at timestamp"
@@ -66,6 +70,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "preferences": ("round_id", "prompt_id"),
     "evaluations": ("round_id", "prompt_id"),
     "rounds": ("round_id",),
+    "locks": ("name", "holder"),
 }
 
 # Messages a Delta commit conflict carries, across Sail, delta-rs and delta-spark.

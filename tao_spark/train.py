@@ -83,18 +83,19 @@ def training_args(cfg: TrainConfig, out_dir: str, seed: int = 0, deepspeed_confi
 
 
 def distributor_for(cfg: TrainConfig, deepspeed_config: str | None) -> Any:
-    """The Spark distributor that runs ``train_worker``: torchrun in local mode on the driver's machine.
+    """The Spark distributor that runs ``train_worker``: torchrun on the driver's machine (``cfg.local_mode``),
+    else one barrier Spark task per process on the executors.
 
     Needs an active SparkSession (classic or Spark Connect): the distributor reads its conf from it.
     """
     if cfg.backend == "deepspeed":
         from pyspark.ml.deepspeed.deepspeed_distributor import DeepspeedTorchDistributor
 
-        return DeepspeedTorchDistributor(numGpus=cfg.num_processes, nnodes=1, localMode=True, useGpu=True,
+        return DeepspeedTorchDistributor(numGpus=cfg.num_processes, nnodes=1, localMode=cfg.local_mode, useGpu=True,
                                          deepspeedConfig=deepspeed_config)
     from pyspark.ml.torch.distributor import TorchDistributor
 
-    return TorchDistributor(num_processes=cfg.num_processes, local_mode=True, use_gpu=cfg.use_gpu)
+    return TorchDistributor(num_processes=cfg.num_processes, local_mode=cfg.local_mode, use_gpu=cfg.use_gpu)
 
 
 def train_on_pairs(pairs: pd.DataFrame, model_path: str, out_dir: str, cfg: TrainConfig, *, seed: int = 0,

@@ -1,0 +1,130 @@
+"""The continuous loop: rounds on a growing prompt log reuse earlier work, check forgetting, take a lock."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from pyspark.sql import functions as F
+
+from tao_spark import loop
+from tao_spark.config import load_config
+from tao_spark.ingest import ingest
+from tao_spark.tables import SCHEMAS, Tables, columns
+from tests.test_round import _config_file, _overrides
+
+SAMPLE = Path(__file__).resolve().parent.parent / "tao_spark" / "data" / "prompts.jsonl"
+
+
+def _slice(tmp: Path, name: str, lo: int, hi: int) -> Path:
+    out = tmp / name
+    out.write_text("\n".join(SAMPLE.read_text().splitlines()[lo:hi]) + "\n")
+    return out
+
+
+def _loop_overrides(home: Path, model: Path) -> list[str]:
+    return [o for o in _overrides(home, model) if not o.startswith(("generate.max_prompts", "evaluate.max_prompts"))] + [
+        "generate.n=2", "generate.max_new_tokens=6", "evaluate.max_new_tokens=6", "loop.forgetting_prompts=4",
+        "gate.min_win_rate_low=0.0", "gate.max_task_drop=1.0", "gate.max_forgetting=1.0", "train.trl.max_steps=1",
+    ]
+
+
+@pytest.mark.integration
+def test_two_rounds_on_a_growing_log_reuse_work(spark, tmp_path, tiny_model):
+    cfg = load_config(_config_file(tmp_path), _loop_overrides(tmp_path / "home", tiny_model))
+    tables = Tables(spark, cfg.lakehouse)
+    ingest(spark, tables, [_slice(tmp_path, "a.jsonl", 0, 60)], cfg.ingest)
+
+    r1 = loop.run_round(tables, cfg)
+    assert r1.new_prompts == 60 and r1.reused_candidates == 0 and r1.new_candidates == r1.n_train * 2
+    if not r1.promoted:
+        pytest.skip(f"round 1 was not promoted ({r1.gate_reason}); the rest needs a champion")
+    # Nothing new since the promoted round: the next round does nothing and says so.
+    assert loop.run_round(tables, cfg) is None
+
+    ingest(spark, tables, [_slice(tmp_path, "b.jsonl", 60, 66)], cfg.ingest)  # 10% more prompts
+    r2 = loop.run_round(tables, cfg)
+    assert r2.new_prompts == 6 and r2.previous_version == r1.prompts_version
+    assert r2.first_version == r1.prompts_version
+    assert r2.base_model == cfg.model.path  # start_from=base
+    assert r2.baseline_model.startswith("models:/") and r2.baseline_model.endswith("@champion")
+    # Same base policy, sampling and seed: every earlier training candidate is copied, only new prompts sampled.
+    assert r2.reused_candidates == r1.new_candidates
+    assert r2.new_candidates == (r2.n_train - r1.n_train) * 2
+    assert r2.new_candidates <= 0.12 * r1.new_candidates
+    n_components = len(cfg.score.rewards) + 1
+    assert r2.metrics["scores_reused"] == r1.new_candidates * n_components
+    c2 = tables.read("candidates").where((F.col("round_id") == r2.round_id) & (F.col("purpose") == "train"))
+    assert c2.count() == r2.n_train * 2 == c2.select("prompt_id", "candidate_idx").distinct().count()
+    # The champion's greedy answers were generated in round 1 as the challenger's: reused, not regenerated.
+    champ = tables.read("candidates").where((F.col("round_id") == r2.round_id) & (F.col("purpose") == "eval_champion"))
+    assert champ.where(F.col("reused_from") == f"{r1.round_id}/eval_challenger").count() > 0
+    # Forgetting check on the first round's held-out sample, recorded and gated on.
+    assert r2.metrics["forgetting_prompts"] == 4 and "forgetting" in r2.metrics
+
+    hist = loop.history(tables)
+    assert list(hist.round_id) == [r1.round_id, r2.round_id]
+    assert list(hist.new_prompts) == [60, 6] and hist.reused_candidates.iloc[1] == r1.new_candidates
+
+
+def test_mix_latest_and_recency(spark, tmp_path, tiny_model):
+    cfg = load_config(_config_file(tmp_path), _loop_overrides(tmp_path / "home", tiny_model))
+    tables = Tables(spark, cfg.lakehouse)
+    old = tmp_path / "old.jsonl"
+    old.write_text("".join(f'{{"prompt": "old {i}", "received_at": "2020-01-01T00:00:00Z"}}\n' for i in range(200)))
+    ingest(spark, tables, [old], cfg.ingest)
+    v1 = tables.snapshot("prompts")
+    ingest(spark, tables, [_slice(tmp_path, "new.jsonl", 0, 50)], cfg.ingest)
+    v2 = tables.snapshot("prompts")
+    rnd = loop.Round("r", "started", v2, "m", "m", datetime.now(timezone.utc), previous_version=v1, first_version=v1)
+
+    latest = loop.split(tables, rnd, load_config(_config_file(tmp_path), _loop_overrides(tmp_path, tiny_model)
+                                                 + ["loop.mix=latest"]))[0]
+    assert latest.where(F.col("prompt").startswith("old ")).count() == 0 and latest.count() > 30
+    every = loop.split(tables, rnd, cfg)[0]
+    assert every.where(F.col("prompt").startswith("old ")).count() > 100
+    recent = loop.split(tables, rnd, load_config(_config_file(tmp_path), _loop_overrides(tmp_path, tiny_model)
+                                                 + ["loop.mix=recency", "loop.half_life_days=365"]))[0]
+    kept_old = recent.where(F.col("prompt").startswith("old ")).count()
+    # ~7 years old at a one-year half-life: kept with probability ~1%; today's prompts all kept.
+    assert kept_old < 15 and recent.where(~F.col("prompt").startswith("old ")).count() == latest.count()
+
+
+def test_lock_is_exclusive_and_expires(tables):
+    holder = loop.acquire(tables, "round", 600)
+    with pytest.raises(loop.Busy, match="in progress"):
+        loop.acquire(tables, "round", 600)
+    loop.release(tables, "round", holder)
+    again = loop.acquire(tables, "round", 600)
+    loop.release(tables, "round", again)
+    # A holder that died: its lease ran out, so it no longer blocks.
+    past = datetime.now(timezone.utc) - timedelta(hours=2)
+    dead = pd.DataFrame([{"name": "round", "holder": "dead", "acquired_at": past,
+                          "expires_at": past + timedelta(hours=1)}], columns=columns("locks"))
+    tables.merge("locks", tables.spark.createDataFrame(dead, SCHEMAS["locks"]))
+    loop.release(tables, "round", loop.acquire(tables, "round", 600))
+
+
+@pytest.mark.integration
+def test_two_loops_at_once_one_runs(spark, tmp_path, tiny_model):
+    home = tmp_path / "home"
+    conf = _config_file(tmp_path)
+    overrides = _loop_overrides(home, tiny_model)
+    cfg = load_config(conf, overrides)
+    tables = Tables(spark, cfg.lakehouse)
+    ingest(spark, tables, [_slice(tmp_path, "a.jsonl", 0, 30)], cfg.ingest)
+    cmd = [sys.executable, "-m", "tao_spark.cli", "--config", str(conf), "loop", "--once", *overrides]
+    env = {**os.environ, "TAO_HOME": str(home)}
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in outs)
+    assert codes == [0, 3], outs
+    assert "a round is in progress" in next(err for rc, err in outs if rc == 3)
+    assert tables.read("rounds").where(F.col("status") == "done").count() == 1
+    assert tables.read("locks").count() == 0
