@@ -232,6 +232,9 @@ def _stage(name: str) -> Handler:
         rnd = loop.load(tables, a.round_id) if a.round_id else loop.latest_open(tables)
         if rnd is None:
             rnd = loop.start(tables, cfg)
+        if rnd is None:
+            print("nothing to do: no new prompts since the last promoted round")
+            return 0
         rnd = loop.run_stage(tables, rnd, name, cfg)
         print(loop.report(rnd, cfg))
         return 0
