@@ -19,14 +19,15 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-from pyspark.sql import DataFrame
-from pyspark.sql import functions as F
 
 from tao_spark.config import RewardSpec, ScoreConfig
 from tao_spark.tables import SCHEMAS, Tables, columns
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
 
 COMBINED = "combined"
 _lock = threading.Lock()
@@ -106,6 +107,8 @@ def run(tables: Tables, prompts: DataFrame, *, round_id: str, purpose: str, cfg:
 
     Scores of candidates copied from an earlier round are copied too when the reward config is the same.
     """
+    from pyspark.sql import functions as F  # here, not at the top: score_frame runs where pyspark is absent
+
     if not cfg.rewards:
         raise ValueError("score.rewards is empty: configure at least one reward")
     tables.ensure("scores")
@@ -118,7 +121,8 @@ def run(tables: Tables, prompts: DataFrame, *, round_id: str, purpose: str, cfg:
             .join(prompts.select("prompt_id", F.to_json("messages").alias("messages_json")), "prompt_id")
             .select("round_id", "purpose", "prompt_id", "candidate_idx", "completion", "messages_json"))
     t0 = time.perf_counter()
-    out = todo.repartition(cfg.partitions).mapInPandas(
+    # By prompt: rewards that compare a prompt's candidates (majority vote) need them in one partition.
+    out = todo.repartition(cfg.partitions, "prompt_id").sortWithinPartitions("prompt_id").mapInPandas(
         functools.partial(_score_partition, specs=cfg.rewards), SCHEMAS["scores"])
     written = tables.merge("scores", out)
     print(f"tao: score[{purpose}]: {written} score rows in {time.perf_counter() - t0:.1f}s "
@@ -134,6 +138,8 @@ class ScoreResult:
 
 def _reuse(tables: Tables, cands: DataFrame, *, round_id: str, purpose: str, key: str) -> int:
     """Copy the scores of candidates this round reused, when they were scored under the same reward config."""
+    from pyspark.sql import functions as F  # here, not at the top: score_frame runs where pyspark is absent
+
     src = (cands.where(F.col("reused_from").isNotNull())
            .select("prompt_id", "candidate_idx", "reused_from",
                    F.split("reused_from", "/").getItem(0).alias("src_round"),
