@@ -100,6 +100,53 @@ def _ingest(a: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _prefs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", help="JSONL (.jsonl, .jsonl.gz) or Parquet files of prompt/messages, chosen, "
+                                            "rejected (the bundled set: tao_spark/data/preferences.jsonl)")
+    p.add_argument("--task", help="task of rows that name none")
+    p.add_argument("--source", default="file", help="source recorded on rows that name none")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the counts")
+
+
+@command("ingest-preferences", "append pairwise preferences to the Delta table preference_pairs", _prefs_args)
+def _ingest_preferences(a: argparse.Namespace, cfg: Config) -> int:
+    from tao_spark.ingest import ingest_preferences
+
+    missing = [p for p in a.paths if not Path(p).is_file()]
+    if missing:
+        print(f"tao ingest-preferences: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    spark, tables = _context(cfg)
+    r = ingest_preferences(spark, tables, a.paths, cfg.ingest, task=a.task, source=a.source)
+    if a.json:
+        print(json.dumps(r.to_json()))
+    else:
+        print(f"batch {r.batch_id}: {r.offered} offered, {r.accepted} accepted, {r.duplicates} duplicates, "
+              f"{r.quarantined} quarantined; preference_pairs is now at version {r.pairs_version}")
+        for reason, n in sorted(r.reasons.items(), key=lambda x: -x[1]):
+            print(f"  quarantined {n:>5}  {reason}")
+    return 0
+
+
+def _train_reward_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", help="registered model name (default: reward_model.name)")
+    p.add_argument("--json", action="store_true", help="print the metrics and the model version as JSON")
+
+
+@command("train-reward", "train a Bradley-Terry reward model on preference_pairs (TorchDistributor + TRL + LoRA)",
+         _train_reward_args)
+def _train_reward(a: argparse.Namespace, cfg: Config) -> int:
+    from tao_spark import reward_model
+
+    spark, tables = _context(cfg)
+    r = reward_model.run(spark, tables, cfg, name=a.name)
+    if a.json:
+        print(json.dumps(_jsonable(r.to_json())))
+    else:
+        print(reward_model.report(r))
+    return 0
+
+
 def _sql_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("query", help="Spark SQL; every tao table is registered by name")
     p.add_argument("--json", action="store_true", help="print a JSON array of row objects")

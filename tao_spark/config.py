@@ -87,7 +87,7 @@ class GenerateConfig:
     top_p: float = _f(0.95, "nucleus sampling mass")
     max_new_tokens: int = _f(96, "completion length cap; report finish_reason=length beside rewards")
     seed: int = _f(0, "base seed; each prompt's streams derive from it and the prompt id, so re-runs repeat")
-    batch_size: int = _f(8, "prompts per transformers call inside one partition (vllm takes a partition at once)")
+    batch_size: int = _f(32, "sequences decoded together (prompts x n streams); vllm takes a partition at once")
     partitions: int = _f(2, "Spark partitions for the fan-out (at most one per core on CPU)")
     max_prompts: int = _f(0, "cap on training prompts per round, taken in a stable order; 0 = all")
     torch_threads: int = _f(0, "intra-op threads per partition; 0 = cores // partitions (oversubscription is 5-10x slower)")
@@ -129,13 +129,29 @@ class RewardSpec:
 class ScoreConfig:
     rewards: list[RewardSpec] = _f([], "reward components; combined = sum(weight * value) / sum(weight)")
     partitions: int = _f(2, "Spark partitions for scoring")
+    length_control: str = _f("none", "none; penalty (scale/shift combined by length_penalty over length_target_words); "
+                                     "decorrelate (regress combined on answer words within each scoring call and "
+                                     "remove the slope, ArmoRM-style); the raw value is kept as combined_raw")
+    length_target_words: int = _f(80, "penalty: full reward up to this many words, none at twice as many")
+    length_penalty_mode: str = _f("multiply", "penalty: multiply (combined * factor) or subtract "
+                                              "(combined - length_penalty_weight * (1 - factor))")
+    length_penalty_weight: float = _f(0.5, "penalty, subtract mode: the most the penalty takes off")
 
     def __post_init__(self) -> None:
         self.rewards = [r if isinstance(r, RewardSpec) else _build(RewardSpec, r, f"score.rewards[{i}]")
                         for i, r in enumerate(self.rewards)]
         names = [r.name for r in self.rewards]
+        _check(self.length_control in ("none", "penalty", "decorrelate"), "score.length_control",
+               "none, penalty or decorrelate")
+        _check(self.length_target_words >= 1, "score.length_target_words", "must be >= 1")
+        _check(self.length_penalty_mode in ("multiply", "subtract"), "score.length_penalty_mode",
+               "multiply or subtract")
+        _check(self.length_penalty_weight >= 0, "score.length_penalty_weight", "must be >= 0")
         for i, r in enumerate(self.rewards):
             _check(bool(r.name), f"score.rewards[{i}].name", "must not be empty")
+            # These names are the stage's own rows in `scores`.
+            _check(r.name not in ("combined", "combined_raw") and not r.name.endswith("_failed"),
+                   f"score.rewards[{i}].name", "combined, combined_raw and *_failed are reserved")
             _check(bool(r.fn or r.model), f"score.rewards[{i}].fn", "set fn or model")
             _check(r.weight >= 0, f"score.rewards[{i}].weight", "must be >= 0")
         _check(len(set(names)) == len(names), "score.rewards", f"duplicate names in {names}")
@@ -176,6 +192,33 @@ class TrainConfig:
         _check(0 <= self.lora_dropout < 1, "train.lora_dropout", "must be in [0, 1)")
         _check(not (self.backend == "deepspeed" and not self.use_gpu), "train.backend",
                "deepspeed needs train.use_gpu=true (DeepspeedTorchDistributor refuses CPU)")
+
+
+@dataclass
+class RewardModelConfig:
+    name: str = _f("tao-reward", "registered model name of the trained reward model")
+    backbone: str = _f("minilm-l6", "minilm-l6 (bundled all-MiniLM-L6-v2: best held-out accuracy per second on CPU), "
+                                    "smollm2-135m-instruct, a local HF folder or a models:/ URI")
+    holdout_fraction: float = _f(0.2, "share of preference_pairs held out for accuracy (stable by pair_id)")
+    max_length: int = _f(256, "tokens of prompt + answer; longer prompts are cut from the left, keeping the answer")
+    num_processes: int = _f(1, "TorchDistributor processes")
+    use_gpu: bool = _f(False, "train on GPUs")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha")
+    lora_dropout: float = _f(0.0, "LoRA dropout")
+    lora_target_modules: list[str] = _f([], "modules that get adapters; [] = the backbone's attention projections "
+                                            "(query/key/value/dense for BERT, q/k/v/o_proj for Llama)")
+    trl: dict[str, Any] = _f({}, "passed straight to RewardConfig (learning_rate, num_train_epochs, ...)")
+    seed: int = _f(0, "seed of the head and LoRA init and the data order")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "reward_model.name", "must not be empty")
+        _check(bool(self.backbone), "reward_model.backbone", "must not be empty")
+        _check(0 < self.holdout_fraction < 1, "reward_model.holdout_fraction", "must be in (0, 1)")
+        _check(self.max_length >= 16, "reward_model.max_length", "must be >= 16")
+        _check(self.num_processes >= 1, "reward_model.num_processes", "must be >= 1")
+        _check(self.lora_r >= 1, "reward_model.lora_r", "must be >= 1")
+        _check(0 <= self.lora_dropout < 1, "reward_model.lora_dropout", "must be in [0, 1)")
 
 
 @dataclass
@@ -240,6 +283,7 @@ class Config:
     score: ScoreConfig = _f(None, "reward scoring")
     select: SelectConfig = _f(None, "preference selection")
     train: TrainConfig = _f(None, "fine-tuning")
+    reward_model: RewardModelConfig = _f(None, "Bradley-Terry reward model trained on preference_pairs")
     evaluate: EvaluateConfig = _f(None, "label-free evaluation")
     gate: GateConfig = _f(None, "promotion gate")
     loop: LoopConfig = _f(None, "continuous rounds")

@@ -96,7 +96,8 @@ class TransformersGenerator:
     device
         ``cpu``, ``cuda``, ...; None picks CUDA if present.
     batch_size
-        Prompts prefilled together; each brings ``n`` decode streams.
+        Sequences decoded together: ``batch_size // n`` prompts per batch, each with its ``n`` streams, so
+        greedy evaluation (one stream per prompt) batches as many sequences as sampling does.
     """
 
     def __init__(self, model_path: str, dtype: str = "float32", device: str | None = None, batch_size: int = 8) -> None:
@@ -124,9 +125,11 @@ class TransformersGenerator:
         # Batching prompts of similar length wastes less compute on padding; results go back in input order.
         order = sorted(range(len(chats)), key=lambda i: len(prompts[i]))
         results: list[list[Completion]] = [[] for _ in chats]
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            streams = self._decode([prompts[i] for i in idx], 1 if temperature == 0 else n, temperature, top_p,
+        streams_per_prompt = 1 if temperature == 0 else n
+        per_batch = max(1, self.batch_size // streams_per_prompt)
+        for start in range(0, len(order), per_batch):
+            idx = order[start:start + per_batch]
+            streams = self._decode([prompts[i] for i in idx], streams_per_prompt, temperature, top_p,
                                    max_new_tokens, [seeds[i] for i in idx])
             for i, outs in zip(idx, streams, strict=True):
                 results[i] = outs if temperature > 0 else [dataclasses.replace(outs[0]) for _ in range(n)]
@@ -262,7 +265,8 @@ class VllmGenerator:
         except OSError:  # no generation_config.json: the tokenizer's EOS decides
             generation_eos = None
         self.stop_ids = stop_token_ids(self.tokenizer, generation_eos)
-        self.llm = LLM(model=base, tokenizer=tok_dir, seed=0, **kwargs)
+        # vLLM's own tokenizer only serves its bookkeeping: prompts go in as token ids and come back undecoded.
+        self.llm = LLM(model=base, seed=0, **kwargs)
         # LLM.generate is not thread-safe, and Sail runs a process's partitions as threads: they take turns.
         self._lock = threading.Lock()
 

@@ -136,7 +136,7 @@ def run(
     )
     # A chunk is one Spark job and one commit: small enough to lose little on a crash, large enough
     # that every partition gets whole batches.
-    chunk = chunk_prompts or cfg.partitions * cfg.batch_size * 4
+    chunk = chunk_prompts or cfg.partitions * max(1, cfg.batch_size // (cfg.n if cfg.temperature > 0 else 1)) * 2
     t0 = time.perf_counter()
     tokens = cands = 0
     for start in range(0, len(ids), chunk):

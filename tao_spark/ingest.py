@@ -340,3 +340,140 @@ def ingest(
           f"{result.quarantined} quarantined -> prompts v{result.prompts_version}", file=sys.stderr)
     return result
 
+
+
+# --- preference pairs --------------------------------------------------------------------------------------------
+
+PAIR_FIELDS = ("chosen", "rejected", "source")
+
+
+@dataclasses.dataclass
+class PreferenceIngestResult:
+    batch_id: str
+    offered: int
+    accepted: int
+    duplicates: int
+    quarantined: int
+    pairs_version: int
+    reasons: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        del d["reasons"]
+        return d
+
+
+def pair_id(task: str, messages: list[dict[str, str]], chosen: str, rejected: str) -> str:
+    """Stable id of a preference: task, normalized chat, chosen and rejected answers."""
+    canon = json.dumps([task, [[m["role"], m["content"]] for m in messages], chosen, rejected], ensure_ascii=False)
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:32]
+
+
+def build_pair_row(
+    obj: Any, cfg: IngestConfig, *, task: str | None, source: str, now: datetime
+) -> dict[str, Any]:
+    """Validate one preference record and return its ``preference_pairs`` row; raise ``Reject`` with the reason.
+
+    The prompt part (``prompt`` or ``messages``, ``task``, ``id``, ``metadata``) follows the prompt log's rules
+    (``build_row``); ``chosen`` and ``rejected`` must be non-empty strings that differ after NFC and stripping.
+    """
+    if not isinstance(obj, dict):
+        raise Reject(f"not a JSON object ({type(obj).__name__})")
+    answers = {}
+    for k in ("chosen", "rejected"):
+        v = obj.get(k)
+        if v is None:
+            raise Reject(f"missing field: {k}")
+        if not isinstance(v, str):
+            raise Reject(f"{k} must be a string")
+        _check_text(v, k)
+        answers[k] = _norm(v)
+        if not answers[k]:
+            raise Reject(f"empty text in {k}")
+        if len(answers[k]) > cfg.max_prompt_chars:
+            raise Reject(f"text too long: {k} has {len(answers[k])} > ingest.max_prompt_chars={cfg.max_prompt_chars}")
+    if answers["chosen"] == answers["rejected"]:
+        raise Reject("identical chosen and rejected")
+    row_source = obj.get("source")
+    if row_source is not None and (not isinstance(row_source, str) or not row_source.strip()):
+        raise Reject("source must be a non-empty string")
+    prompt = build_row({k: v for k, v in obj.items() if k not in PAIR_FIELDS}, cfg, task=task,
+                       source=_norm(row_source) if row_source else source, now=now)
+    return {
+        "pair_id": pair_id(prompt["task"], prompt["messages"], answers["chosen"], answers["rejected"]),
+        "prompt_id": prompt["prompt_id"], "task": prompt["task"], "messages": prompt["messages"],
+        "prompt": prompt["prompt"], "chosen": answers["chosen"], "rejected": answers["rejected"],
+        "client_id": prompt["client_id"], "source": prompt["source"], "metadata": prompt["metadata"],
+    }
+
+
+def _iter_pair_records(path: Path, data: bytes, cfg: IngestConfig) -> Iterator[tuple[int, bytes, Any]]:
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith((".jsonl", ".json", ".ndjson")):
+        yield from _iter_jsonl(data, cfg)
+    elif name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), start=1):
+            raw = json.dumps(row, ensure_ascii=False, default=str).encode("utf-8", errors="backslashreplace")
+            yield i, raw, {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()
+                           if v is not None}
+    else:
+        raise ValueError(f"{path}: unsupported file type for preferences (use .jsonl, .jsonl.gz or .parquet)")
+
+
+def ingest_preferences(
+    spark: SparkSession,
+    tables: Tables,
+    paths: list[str | Path],
+    cfg: IngestConfig,
+    *,
+    task: str | None = None,
+    source: str = "file",
+) -> PreferenceIngestResult:
+    """Append the pairs of ``paths`` to ``preference_pairs``; quarantine bad rows (target ``preference_pairs``).
+
+    The same contract as ``ingest``: ``offered == accepted + duplicates + quarantined``, re-ingesting inserts nothing.
+    """
+    batch_id = uuid.uuid4().hex
+    now = datetime.now(timezone.utc)
+    rows: dict[str, dict[str, Any]] = {}
+    bad: list[dict[str, Any]] = []
+    offered = in_batch_dups = 0
+    reasons: dict[str, int] = {}
+    for p in map(Path, paths):
+        data = _read_bytes(p)
+        sha = hashlib.sha256(data).hexdigest()
+        for lineno, raw, rec in _iter_pair_records(p, data, cfg):
+            offered += 1
+            try:
+                if isinstance(rec, Reject):
+                    raise rec
+                row = build_pair_row(rec, cfg, task=task, source=source, now=now)
+            except Reject as r:
+                reason = str(r)
+                reasons[reason.split(":")[0]] = reasons.get(reason.split(":")[0], 0) + 1
+                bad.append({"target": "preference_pairs", "source_sha256": sha, "line": lineno, "batch_id": batch_id,
+                            "source_file": str(p), "raw": _escape(raw), "reason": reason, "ingested_at": now})
+                continue
+            if row["pair_id"] in rows:
+                in_batch_dups += 1
+                continue
+            rows[row["pair_id"]] = {**row, "source_file": str(p), "ingested_at": now, "batch_id": batch_id}
+
+    accepted = 0
+    if rows:
+        accepted = tables.merge("preference_pairs", _frame(spark, "preference_pairs", list(rows.values())),
+                                retries=cfg.commit_retries)
+    else:
+        tables.ensure("preference_pairs")
+    if bad:
+        tables.merge("quarantine", _frame(spark, "quarantine", bad), retries=cfg.commit_retries)
+    result = PreferenceIngestResult(
+        batch_id=batch_id, offered=offered, accepted=accepted,
+        duplicates=in_batch_dups + len(rows) - accepted, quarantined=len(bad),
+        pairs_version=tables.snapshot("preference_pairs"), reasons=reasons,
+    )
+    print(f"tao: ingest-preferences: {result.offered} offered, {result.accepted} accepted, {result.duplicates} "
+          f"duplicates, {result.quarantined} quarantined -> preference_pairs v{result.pairs_version}", file=sys.stderr)
+    return result

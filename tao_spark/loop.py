@@ -163,6 +163,8 @@ def split(tables: Tables, rnd: Round, cfg: Config) -> tuple[DataFrame, DataFrame
         train = train.orderBy("prompt_id").limit(cfg.generate.max_prompts)
     if cfg.evaluate.max_prompts:
         holdout = holdout.orderBy("prompt_id").limit(cfg.evaluate.max_prompts)
+    if rnd.first_version is None or rnd.first_version == rnd.prompts_version:
+        return train, holdout  # the first round: no earlier held-out prompts to re-check
     return train, holdout.unionByName(forgetting_sample(tables, rnd, cfg)).dropDuplicates(["prompt_id"])
 
 

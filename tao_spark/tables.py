@@ -16,9 +16,10 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pyspark.sql import DataFrame, SparkSession
+if TYPE_CHECKING:  # types only: SCHEMAS and columns serve the workers, which may run where pyspark is absent
+    from pyspark.sql import DataFrame, SparkSession
 
 SCHEMAS: dict[str, str] = {
     "prompts": (
@@ -46,6 +47,12 @@ SCHEMAS: dict[str, str] = {
         "created_at timestamp"
     ),
     "locks": "name string, holder string, acquired_at timestamp, expires_at timestamp",
+    # Pairwise preferences from outside the loop (human labels, another system's logs): reward-model training data.
+    "preference_pairs": (
+        "pair_id string, prompt_id string, task string, messages array<struct<role:string,content:string>>, "
+        "prompt string, chosen string, rejected string, client_id string, source string, source_file string, "
+        "ingested_at timestamp, batch_id string, metadata string"
+    ),
     "evaluations": (
         "round_id string, prompt_id string, task string, challenger string, champion string, "
         "challenger_reward double, champion_reward double, challenger_tokens int, champion_tokens int, "
@@ -71,6 +78,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "evaluations": ("round_id", "prompt_id"),
     "rounds": ("round_id",),
     "locks": ("name", "holder"),
+    "preference_pairs": ("pair_id",),
 }
 
 # Messages a Delta commit conflict carries, across Sail, delta-rs and delta-spark.

@@ -5,7 +5,8 @@
     result.merged_dir, result.metrics["rewards/accuracies"]
 
 The driver stays light: it checks the pairs, writes them to ``<out_dir>/pairs.jsonl`` and launches
-``train_worker`` through Spark's ``TorchDistributor`` (torchrun in local mode; ``DeepspeedTorchDistributor``
+``train_worker`` through Spark's ``TorchDistributor`` (torchrun on the driver's machine, or one barrier task per
+process on the executors with ``train.local_mode=false``; ``DeepspeedTorchDistributor``
 with a ZeRO config from ``conf/deepspeed/`` when ``train.backend=deepspeed``). The worker runs TRL's
 ``DPOTrainer`` or ``SFTTrainer`` with a PEFT LoRA adapter; rank 0 writes ``adapter/``, ``merged/`` and
 ``metrics.json`` to ``out_dir``, and the driver reads them back, because the distributor's return value is

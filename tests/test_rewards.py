@@ -249,7 +249,7 @@ def test_load_reward_module_function():
 
 
 @pytest.mark.parametrize("spec, message", [
-    (RewardSpec(name="rm", model="models:/tao-reward@champion"), "reward 'rm': model-based rewards are loaded by"),
+    (RewardSpec(name="rm", model="m", params={"batch": 3}), "do not fit"),
     (RewardSpec(name="x", fn="no_such_reward"), "unknown fn 'no_such_reward'"),
     (RewardSpec(name="x", fn="tao_spark.nowhere:fn"), "cannot load"),
     (RewardSpec(name="x", fn="tao_spark.rewards.verifiers:missing"), "cannot load"),

@@ -23,7 +23,10 @@ from tao_spark.rewards import verifiers
 if TYPE_CHECKING:
     from tao_spark.config import RewardSpec
 
-BUILTINS = ("instruction_following", "json_key", "numeric_answer", "length_penalty", "coherence")
+BUILTINS = ("instruction_following", "json_key", "numeric_answer", "length_penalty", "coherence", "sql_executes",
+            "json_schema", "regex_match", "majority_vote")
+# Rewards that hold state (a model, an HTTP client) and are built from their params, not called with them.
+JUDGE = "judge"
 
 
 class RewardFn(Protocol):
@@ -35,11 +38,18 @@ class RewardFn(Protocol):
 def load_reward(spec: RewardSpec) -> RewardFn:
     """The callable ``spec`` names (a built-in or ``package.module:function``) with ``spec.params`` bound.
 
-    Parameters are checked against the function's signature here, so a misspelt one fails when the config is
-    loaded rather than inside a Spark task.
+    ``fn: judge`` builds an LLM judge (``tao_spark.rewards.judge``); a spec with ``model`` and no ``fn`` loads a
+    trained reward model (``tao_spark.rewards.model``). Parameters are checked against the function's signature
+    here, so a misspelt one fails when the config is loaded rather than inside a Spark task.
     """
+    if spec.fn == JUDGE:
+        from tao_spark.rewards.judge import Judge
+
+        return _build(Judge, spec, {"model": spec.model} if spec.model else {})
     if not spec.fn:
-        raise ValueError(f"reward '{spec.name}': model-based rewards are loaded by tao_spark.rewards.model")
+        from tao_spark.rewards.model import RewardModel
+
+        return _build(RewardModel, spec, {"model": spec.model})
     if ":" in spec.fn:
         module_name, _, attr = spec.fn.partition(":")
         try:
@@ -60,3 +70,10 @@ def load_reward(spec: RewardSpec) -> RewardFn:
     except ValueError:
         pass  # a C callable may publish no signature; its params are then checked on the first call
     return functools.partial(fn, **spec.params) if spec.params else fn
+
+
+def _build(cls: type, spec: RewardSpec, base: dict[str, object]) -> RewardFn:
+    try:
+        return cls(**{**base, **spec.params})  # type: ignore[no-any-return]
+    except TypeError as e:
+        raise ValueError(f"reward '{spec.name}': params {spec.params} do not fit {cls.__name__}: {e}") from e

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 NAN = float("nan")
@@ -235,3 +235,191 @@ def _coherence(prompt: str, completion: str) -> float:
 def coherence(prompts: list[str], completions: list[str]) -> list[float]:
     """Label-free quality floor in [0, 1]: 0 for empty, looping or prompt-parroting answers, 1 for plain prose."""
     return [_coherence(p, c) for p, c in _pairs(prompts, completions)]
+
+
+def _applies(prompt: str, prompt_pattern: str | None) -> bool:
+    return prompt_pattern is None or re.search(prompt_pattern, prompt, re.I) is not None
+
+
+# --- SQL ---------------------------------------------------------------------------------------------------------
+
+_CREATE = re.compile(r"\bCREATE\s+TABLE\b", re.I)
+_SQL_BLOCK = re.compile(r"```(?:sql|sqlite)\s*\n?(.*?)```", re.S | re.I)
+_ANY_BLOCK = re.compile(r"```[a-z]*\s*\n?(.*?)```", re.S | re.I)
+# sqlite3's progress handler runs every N virtual-machine steps; this many calls (~10^7 steps) is a runaway query.
+_SQL_STEP_CALLS = 1000
+
+
+def schema_statements(text: str) -> str:
+    """The ``CREATE TABLE ...(...)`` statements in ``text``, each up to its balanced closing parenthesis."""
+    out = []
+    for m in _CREATE.finditer(text):
+        open_at = text.find("(", m.end())
+        if open_at < 0:
+            continue
+        depth = 0
+        for i in range(open_at, len(text)):
+            depth += (text[i] == "(") - (text[i] == ")")
+            if depth == 0:
+                out.append(text[m.start():i + 1] + ";")
+                break
+    return "\n".join(out)
+
+
+def _answer_sql(completion: str) -> str:
+    blocks = _SQL_BLOCK.findall(completion) or _ANY_BLOCK.findall(completion)
+    return (blocks[-1] if blocks else completion).strip()
+
+
+def _deny_attach(action: int, *args: Any) -> int:
+    import sqlite3
+
+    # ATTACH would let an answer create files on the scoring machine.
+    return sqlite3.SQLITE_DENY if action == sqlite3.SQLITE_ATTACH else sqlite3.SQLITE_OK
+
+
+def _sql_runs(schema: str, sql: str) -> bool:
+    import sqlite3
+
+    if not sql:
+        return False
+    con = sqlite3.connect(":memory:")
+    try:
+        con.executescript(schema)
+        calls = [0]
+
+        def progress() -> int:
+            calls[0] += 1
+            return int(calls[0] > _SQL_STEP_CALLS)
+
+        con.set_progress_handler(progress, 10_000)
+        con.set_authorizer(_deny_attach)
+        con.executescript(sql)
+        return True
+    except (sqlite3.Error, ValueError, OverflowError):
+        return False
+    finally:
+        con.close()
+
+
+def sql_executes(prompts: list[str], completions: list[str], schema: str | None = None) -> list[float]:
+    """1.0 when the answer's SQL (last ```sql block, else the whole answer) runs on the prompt's schema, else 0.0.
+
+    The schema is ``schema`` or the ``CREATE TABLE`` statements in the prompt, loaded into an empty in-memory
+    sqlite3 database per answer; NaN when there is neither. Checks that the query is valid, not that it is right.
+    """
+    out = []
+    for prompt, completion in _pairs(prompts, completions):
+        ddl = schema if schema is not None else schema_statements(prompt)
+        if not ddl.strip():
+            out.append(NAN)
+            continue
+        import sqlite3
+
+        try:  # a broken schema in the prompt is not the answer's fault: the reward does not apply
+            sqlite3.connect(":memory:").executescript(ddl)
+        except sqlite3.Error:
+            out.append(NAN)
+            continue
+        out.append(float(_sql_runs(ddl, _answer_sql(completion))))
+    return out
+
+
+# --- JSON schema, regex --------------------------------------------------------------------------------------------
+
+def _json_values(text: str) -> Iterator[Any]:
+    """Candidate JSON values of an answer: fenced blocks, the whole answer, then each {...} / [...] span."""
+    for c in [*(m.group(1) for m in re.finditer(r"```(?:json)?\s*\n?(.*?)```", text, re.S | re.I)), text.strip()]:
+        try:
+            yield json.loads(c)
+        except (ValueError, RecursionError):
+            pass
+    decoder = json.JSONDecoder()
+    for start in [m.start() for m in re.finditer(r"[{\[]", text)][:64]:
+        try:
+            yield decoder.raw_decode(text, start)[0]
+        except (ValueError, RecursionError):
+            continue
+
+
+def json_schema(prompts: list[str], completions: list[str], schema: dict[str, Any] | str | None = None,
+                prompt_pattern: str | None = None) -> list[float]:
+    """1.0 when the answer holds JSON valid against ``schema`` (a JSON Schema, dict or JSON text), else 0.0.
+
+    ``prompt_pattern`` (a regex) limits the reward to the prompts that match it; the others get NaN.
+    """
+    import jsonschema
+
+    if schema is None:
+        raise ValueError("json_schema needs params.schema (a JSON Schema)")
+    parsed = json.loads(schema) if isinstance(schema, str) else schema
+    validator_cls = jsonschema.validators.validator_for(parsed)
+    validator_cls.check_schema(parsed)  # a bad schema is a config error, raised before any answer is judged
+    validator = validator_cls(parsed)
+    out = []
+    for prompt, completion in _pairs(prompts, completions):
+        if not _applies(prompt, prompt_pattern):
+            out.append(NAN)
+            continue
+        out.append(float(any(validator.is_valid(v) for v in _json_values(completion))))
+    return out
+
+
+def regex_match(prompts: list[str], completions: list[str], pattern: str = "", full: bool = False,
+                ignore_case: bool = False, prompt_pattern: str | None = None) -> list[float]:
+    """1.0 when ``pattern`` occurs in the answer (``full``: matches the whole stripped answer), else 0.0."""
+    if not pattern:
+        raise ValueError("regex_match needs params.pattern")
+    compiled = re.compile(pattern, re.I if ignore_case else 0)
+    out = []
+    for prompt, completion in _pairs(prompts, completions):
+        if not _applies(prompt, prompt_pattern):
+            out.append(NAN)
+        elif full:
+            out.append(float(compiled.fullmatch(completion.strip()) is not None))
+        else:
+            out.append(float(compiled.search(completion) is not None))
+    return out
+
+
+# --- majority vote -----------------------------------------------------------------------------------------------
+
+def final_answer(text: str) -> str | None:
+    """A short answer's comparable form: its final number (``42.0`` -> ``42``), else its last line normalised."""
+    number = final_number(text)
+    if number is not None:
+        return f"{number:g}" if number == number and abs(number) < 1e15 else str(number)
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    if not lines:
+        return None
+    last = re.sub(r"^(?:final answer|answer)\s*[:=]\s*", "", lines[-1].strip().lower())
+    last = re.sub(r"[^\w\s]", "", last)
+    last = " ".join(last.split())
+    return last or None
+
+
+def majority_vote(prompts: list[str], completions: list[str], min_candidates: int = 2) -> list[float]:
+    """Label-free self-consistency: the share of a prompt's candidates in this call whose answer equals this one's.
+
+    Candidates of one prompt are the rows with the same prompt text (the score stage sends a prompt's candidates
+    together). 1.0 when all agree; an answer with no extractable final answer gets 0.0. NaN for a prompt with fewer
+    than ``min_candidates`` candidates in the call: agreement needs something to agree with.
+    """
+    pairs = _pairs(prompts, completions)
+    answers = [final_answer(c) for _, c in pairs]
+    groups: dict[str, list[int]] = {}
+    for i, (p, _) in enumerate(pairs):
+        groups.setdefault(p, []).append(i)
+    out = [NAN] * len(pairs)
+    for rows in groups.values():
+        if len(rows) < max(min_candidates, 2):
+            continue
+        votes: dict[str, int] = {}
+        for i in rows:
+            a = answers[i]
+            if a is not None:
+                votes[a] = votes.get(a, 0) + 1
+        for i in rows:
+            a = answers[i]
+            out[i] = 0.0 if a is None else votes[a] / len(rows)
+    return out
