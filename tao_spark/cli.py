@@ -297,6 +297,53 @@ for _name, _help in [("generate", "sample N candidates per training prompt"),
     command(_name, _help, _stage_args)(_stage(_name))
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=int, help="TCP port (default: serve.port)")
+
+
+@command("serve", "serve the registered model over an OpenAI-compatible API, capturing prompts (A/B, hot swap)",
+         _serve_args)
+def _serve(a: argparse.Namespace, cfg: Config) -> int:
+    from tao_spark import serve
+
+    if a.port is not None:
+        cfg.serve.port = a.port
+    try:
+        tables = _context(cfg)[1] if cfg.serve.capture else None
+        serve.serve(cfg, tables)
+    except RuntimeError as e:
+        print(f"tao serve: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _ab_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["report", "pairs"],
+                   help="report: compare the arms' ratings and latency; pairs: turn opposite ratings of answers "
+                        "to one prompt into preference_pairs (source feedback)")
+    p.add_argument("--min-rated", type=int, default=30, help="rated answers per arm before a winner is named")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+@command("ab", "A/B of the served arms: rating rates with 95% intervals, latency, verdict", _ab_args)
+def _ab(a: argparse.Namespace, cfg: Config) -> int:
+    from tao_spark import serve
+
+    _, tables = _context(cfg)
+    if a.action == "pairs":
+        n = serve.feedback_pairs(tables, cfg)
+        print(json.dumps({"pairs": n}) if a.json else f"{n} new preference pairs from feedback")
+        return 0
+    r = serve.ab_report(tables, min_rated=a.min_rated)
+    if a.json:
+        print(json.dumps(r))
+        return 0
+    print_table([{"arm": arm, **{k: round(v, 3) if isinstance(v, float) else v for k, v in m.items()}}
+                 for arm, m in r["arms"].items()])
+    print(r["verdict"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tao", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML config (default: conf/local.yaml or $TAO_CONFIG)")

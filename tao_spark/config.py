@@ -273,6 +273,42 @@ class MlflowConfig:
 
 
 @dataclass
+class ServeConfig:
+    host: str = _f("127.0.0.1", "bind address; loopback by default, put a TLS proxy in front for anything else")
+    port: int = _f(8000, "TCP port")
+    model: str = _f("models:/tao-policy@champion", "model served to the champion arm; falls back to model.path when "
+                                                   "the registry has no such alias")
+    auth: bool = _f(True, "require a Bearer API key (serve.api_keys or $TAO_API_KEYS); false only on purpose")
+    api_keys: list[str] = _f([], "accepted API keys; $TAO_API_KEYS (comma-separated) adds more")
+    max_tokens_cap: int = _f(256, "largest max_tokens a request gets (larger asks are clamped); also the default")
+    max_request_bytes: int = _f(1_000_000, "request bodies larger than this are refused with 413")
+    temperature: float = _f(0.0, "temperature of a request that names none: 0 = greedy, as a deployed model answers")
+    capture: bool = _f(True, "append answered requests to prompts and serving_log (through the spool)")
+    flush_interval_s: float = _f(5.0, "seconds between spool flushes to Delta (also flushed on shutdown)")
+    poll_interval_s: float = _f(30.0, "seconds between registry alias checks for a hot swap; 0 = never")
+    redact: bool = _f(True, "replace e-mail addresses and phone numbers before anything is stored")
+    redact_patterns: list[str] = _f([], "more regular expressions whose matches are replaced by [REDACTED]")
+    challenger_share: float = _f(0.0, "share of users (sticky, by X-User-Id or API key) sent to the challenger alias")
+    task: str = _f("serving", "task recorded on captured prompts")
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.port <= 65535, "serve.port", "must be in [1, 65535]")
+        _check(bool(self.model), "serve.model", "must not be empty")
+        _check(self.max_tokens_cap >= 1, "serve.max_tokens_cap", "must be >= 1")
+        _check(self.max_request_bytes >= 1024, "serve.max_request_bytes", "must be >= 1024")
+        _check(0 <= self.temperature <= 2, "serve.temperature", "must be in [0, 2]")
+        _check(self.flush_interval_s > 0, "serve.flush_interval_s", "must be > 0")
+        _check(self.poll_interval_s >= 0, "serve.poll_interval_s", "must be >= 0")
+        _check(0 <= self.challenger_share <= 1, "serve.challenger_share", "must be in [0, 1]")
+        _check(bool(self.task.strip()), "serve.task", "must not be empty")
+        for i, pattern in enumerate(self.redact_patterns):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"serve.redact_patterns[{i}]: not a regular expression: {e}") from None
+
+
+@dataclass
 class Config:
     home: str = _f("", "root of everything written locally (lakehouse, MLflow, model cache); '' = $TAO_HOME or ./.tao")
     lakehouse: str = _f("", "Delta table root; '' = <home>/lakehouse")
@@ -288,6 +324,7 @@ class Config:
     gate: GateConfig = _f(None, "promotion gate")
     loop: LoopConfig = _f(None, "continuous rounds")
     mlflow: MlflowConfig = _f(None, "tracking and registry")
+    serve: ServeConfig = _f(None, "OpenAI-compatible serving with prompt capture and A/B")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -58,6 +58,13 @@ SCHEMAS: dict[str, str] = {
         "challenger_reward double, champion_reward double, challenger_tokens int, champion_tokens int, "
         "challenger_scores string, champion_scores string, winner string, created_at timestamp"
     ),
+    # One row per answered request of `tao serve`; the prompt itself goes to `prompts` (source serving).
+    "serving_log": (
+        "request_id string, arm string, model_version string, prompt_id string, response string, "
+        "prompt_tokens int, completion_tokens int, latency_ms double, user_hash string, created_at timestamp"
+    ),
+    # A user's rating of one served answer (POST /v1/feedback); a later rating of the same request replaces it.
+    "feedback": "request_id string, rating int, comment string, user_hash string, created_at timestamp",
     "rounds": (
         "round_id string, status string, prompts_version long, previous_version long, first_version long, "
         "n_prompts long, n_train long, n_holdout long, "
@@ -79,6 +86,8 @@ KEYS: dict[str, tuple[str, ...]] = {
     "rounds": ("round_id",),
     "locks": ("name", "holder"),
     "preference_pairs": ("pair_id",),
+    "serving_log": ("request_id",),
+    "feedback": ("request_id",),
 }
 
 # Messages a Delta commit conflict carries, across Sail, delta-rs and delta-spark.

@@ -1,0 +1,368 @@
+"""tao serve: the OpenAI-compatible endpoint, capture through the spool, A/B arms, feedback pairs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tao_spark.config import ConfigError, load_config
+from tao_spark.serve import Redactor, Spool, assign_arm, parse_chat_request, verdict, wilson
+
+KEY = "test-key-123"
+
+
+# --- unit ----------------------------------------------------------------------------------------------------------
+
+def test_arm_assignment_is_sticky_and_respects_the_share() -> None:
+    users = [f"user-{i}" for i in range(20000)]
+    first = [assign_arm(u, 0.2) for u in users]
+    assert first == [assign_arm(u, 0.2) for u in users]  # sticky: same user, same arm, every request
+    share = first.count("challenger") / len(users)
+    assert 0.18 < share < 0.22
+    assert {assign_arm(u, 0.0) for u in users[:100]} == {"champion"}
+    assert {assign_arm(u, 1.0) for u in users[:100]} == {"challenger"}
+
+
+def test_redaction_removes_emails_phones_and_custom_patterns() -> None:
+    r = Redactor(True, [r"ACCT-\d+"])
+    out = r("mail jane.doe+x@example.co.uk or call +1 (555) 123-4567 about ACCT-991 in 2024")
+    assert "jane" not in out and "555" not in out and "ACCT-991" not in out
+    assert out == "mail [EMAIL] or call [PHONE] about [REDACTED] in 2024"
+    assert Redactor(False)("a@b.io") == "a@b.io"
+
+
+def test_config_validation_names_the_key() -> None:
+    with pytest.raises(ConfigError, match="serve.challenger_share"):
+        load_config(None, ["serve.challenger_share=1.5"])
+    with pytest.raises(ConfigError, match="serve.redact_patterns"):
+        load_config(None, ["serve.redact_patterns=['(']"])
+    assert load_config(None, []).serve.auth is True
+
+
+def test_request_parsing_clamps_and_rejects() -> None:
+    scfg = load_config(None, ["serve.max_tokens_cap=16"]).serve
+    req = parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 500}, scfg)
+    assert req["max_tokens"] == 16 and req["temperature"] == 0.0 and not req["stream"]
+    bad: Any
+    for bad in ({"messages": []}, {"messages": [{"role": "bot", "content": "x"}]},
+                {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+                {"messages": [{"role": "user", "content": "x"}], "n": 2}, []):
+        with pytest.raises(Exception, match="must|only|supported"):
+            parse_chat_request(bad, scfg)
+
+
+def test_wilson_interval_and_verdict() -> None:
+    low, high = wilson(80, 100)
+    assert 0.70 < low < 0.80 < high < 0.88
+    arms = {"champion": {"rated": 200, "ci_low": 0.40, "ci_high": 0.55},
+            "challenger": {"rated": 200, "ci_low": 0.60, "ci_high": 0.72}}
+    assert verdict(arms, 30).startswith("challenger wins")
+    assert verdict({**arms, "champion": {**arms["champion"], "rated": 5}}, 30).startswith("not enough data")
+
+
+def test_spool_replays_until_a_write_succeeds(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.append([{"table": "t", "row": {"i": 1}}])
+    spool.append([{"table": "t", "row": {"i": 2}}])
+
+    def fail(records: list[Any]) -> None:
+        raise RuntimeError("delta down")
+
+    with pytest.raises(RuntimeError):
+        spool.flush(fail)
+    spool.append([{"table": "t", "row": {"i": 3}}])
+    spool.close()
+    with open(spool.pending()[0], "ab") as f:
+        f.write(b'{"table": "t", "ro')  # a line cut by a crash mid-write
+    got: list[Any] = []
+    again = Spool(tmp_path)  # a restarted server
+    assert again.flush(got.extend) == 3
+    assert [r["row"]["i"] for r in got] == [1, 2, 3]
+    assert again.pending() == [] and again.flush(got.extend) == 0
+
+
+# --- integration: a real server on a loopback port ----------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _overrides(home: Path, model: Path, port: int, *extra: str) -> list[str]:
+    return [f"home={home}", f"model.path={model}", f"serve.port={port}", "serve.max_tokens_cap=12",
+            "serve.poll_interval_s=0", "serve.flush_interval_s=1", "spark.shuffle_partitions=2", *extra]
+
+
+def _post(port: int, path: str, body: bytes, key: str | None = KEY, user: str | None = None) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    if user:
+        headers["X-User-Id"] = user
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _chat(port: int, text: str, user: str | None = None) -> tuple[int, Any]:
+    body = {"model": "tao", "messages": [{"role": "user", "content": text}], "max_tokens": 6}
+    return _post(port, "/v1/chat/completions", json.dumps(body).encode(), user=user)
+
+
+def _delta_rows(home: Path, table: str) -> list[dict[str, Any]]:
+    from deltalake import DeltaTable
+
+    path = home / "lakehouse" / table
+    return DeltaTable(str(path)).to_pyarrow_table().to_pylist() if DeltaTable.is_deltatable(str(path)) else []
+
+
+@pytest.fixture(scope="module")
+def live(spark: Any, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Any]]:
+    """The app in uvicorn on a thread of this process, auth on, capture on."""
+    import uvicorn
+
+    from tao_spark.serve import Service, create_app
+    from tao_spark.tables import Tables
+
+    home, port = tmp_path_factory.mktemp("serve-home"), _free_port()
+    cfg = load_config(None, _overrides(home, tiny_model, port, f"serve.api_keys=['{KEY}']",
+                                       "serve.challenger_share=0.5", "serve.redact_patterns=['SECRET-\\d+']",
+                                       "serve.max_request_bytes=4096"))
+    service = Service(cfg, Tables(spark, cfg.lakehouse))
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield port, service
+    server.should_exit = True
+    thread.join(timeout=60)
+
+
+@pytest.mark.integration
+def test_openai_client_works_unchanged(live: tuple[int, Any]) -> None:
+    from openai import OpenAI
+
+    port, _ = live
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+    assert client.models.list().data[0].id
+    r = client.chat.completions.create(model="tao", messages=[{"role": "user", "content": "Say hi"}], max_tokens=5)
+    assert r.id.startswith("chatcmpl-") and r.choices[0].finish_reason in ("stop", "length")
+    assert isinstance(r.choices[0].message.content, str) and r.usage and 1 <= r.usage.completion_tokens <= 5
+    again = client.chat.completions.create(model="tao", messages=[{"role": "user", "content": "Say hi"}], max_tokens=5)
+    assert again.choices[0].message.content == r.choices[0].message.content  # temperature absent: greedy
+    chunks = list(client.chat.completions.create(model="tao", messages=[{"role": "user", "content": "Say hi"}],
+                                                 max_tokens=5, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+
+
+@pytest.mark.integration
+def test_auth_and_bad_requests_get_openai_errors(live: tuple[int, Any]) -> None:
+    port, _ = live
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+    for key in ("wrong", None):
+        status, err = _post(port, "/v1/chat/completions", body, key=key)
+        assert status == 401 and err["error"]["code"] == "invalid_api_key" and err["error"]["type"]
+    status, err = _post(port, "/v1/chat/completions", b'{"messages": [')
+    assert status == 400 and err["error"]["code"] == "invalid_json"
+    status, err = _post(port, "/v1/chat/completions", json.dumps({"messages": "hi"}).encode())
+    assert status == 400 and "messages" in err["error"]["message"]
+    status, err = _post(port, "/v1/chat/completions", b"[" * 10_000)  # over serve.max_request_bytes
+    assert status == 413
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+        assert json.loads(r.read())["status"] == "ok"
+
+
+@pytest.mark.integration
+def test_capture_redacts_and_feedback_becomes_a_preference_pair(live: tuple[int, Any]) -> None:
+    from tao_spark.serve import ab_report, feedback_pairs
+
+    port, service = live
+    text = "Write to bob@example.com about SECRET-42"
+    status, a = _chat(port, text, user="alice")
+    assert status == 200
+    # Two different sampled answers to the same prompt, rated +1 and -1: a preference pair.
+    body = {"messages": [{"role": "user", "content": text}], "temperature": 1.0, "max_tokens": 8}
+    answers: list[Any] = []
+    for seed in range(40):
+        status, b = _post(port, "/v1/chat/completions", json.dumps({**body, "seed": seed}).encode(), user="carol")
+        content = b["choices"][0]["message"]["content"].strip()
+        if content and content not in [x["choices"][0]["message"]["content"].strip() for x in answers]:
+            answers.append(b)
+        if len(answers) == 2:
+            break
+    assert len(answers) == 2
+    for resp, rating in zip(answers, (1, -1), strict=True):
+        status, ok = _post(port, "/v1/feedback", json.dumps({"request_id": resp["id"], "rating": rating}).encode())
+        assert status == 200 and ok["stored"]
+    status, err = _post(port, "/v1/feedback", json.dumps({"request_id": a["id"], "rating": 5}).encode())
+    assert status == 400
+    service.flush()
+    home = Path(service.cfg.home)
+    prompts = [p for p in _delta_rows(home, "prompts") if "about" in p["prompt"]]
+    assert len(prompts) == 1 and prompts[0]["source"] == "serving"
+    assert "bob@example.com" not in prompts[0]["prompt"] and "SECRET-42" not in prompts[0]["prompt"]
+    meta = json.loads(prompts[0]["metadata"])
+    assert set(meta) == {"model_version", "arm", "request_id"}
+    logged = {r["request_id"]: r for r in _delta_rows(home, "serving_log")}
+    assert {x["id"] for x in answers} <= set(logged) and logged[a["id"]]["prompt_id"] == prompts[0]["prompt_id"]
+    assert {r["request_id"]: r["rating"] for r in _delta_rows(home, "feedback")} == {answers[0]["id"]: 1,
+                                                                                     answers[1]["id"]: -1}
+    assert feedback_pairs(service.tables, service.cfg) == 1
+    pairs = _delta_rows(home, "preference_pairs")
+    assert len(pairs) == 1 and pairs[0]["source"] == "feedback"
+    assert pairs[0]["chosen"] == answers[0]["choices"][0]["message"]["content"].strip()
+    report = ab_report(service.tables)
+    assert sum(m["requests"] for m in report["arms"].values()) == len(logged)
+    assert report["verdict"].startswith("not enough data")
+
+
+# --- integration: load, SIGKILL, restart ------------------------------------------------------------------------
+
+def _start(home: Path, model: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "TAO_API_KEYS": KEY, "HF_HUB_OFFLINE": "1"}
+    home.mkdir(parents=True, exist_ok=True)
+    errors = home / "server.err"
+    with open(errors, "ab") as err:  # a file, not a pipe: nobody drains a pipe, and a full one blocks the server
+        proc = subprocess.Popen([sys.executable, "-m", "tao_spark.cli", "serve",
+                                 *_overrides(home, model, port, *extra)], env=env, stderr=err)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        assert proc.poll() is None, errors.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise AssertionError("server did not come up")
+
+
+def _load(port: int, clients: int, seconds: float, max_requests: int) -> tuple[list[str], list[float], float]:
+    """Closed-loop clients for ``seconds``: the acknowledged request ids, their latencies, the wall time."""
+    acked: list[str] = []
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop_at = time.time() + seconds
+
+    def client(c: int) -> None:
+        i = 0
+        while time.time() < stop_at:
+            with lock:
+                if len(acked) >= max_requests:
+                    return
+            t0 = time.perf_counter()
+            try:
+                status, body = _chat(port, f"client {c} question {i % 7}", user=f"u{c}")
+            except OSError:  # the server was killed under this request: never acknowledged
+                return
+            i += 1
+            if status == 200:
+                with lock:
+                    acked.append(body["id"])
+                    latencies.append((time.perf_counter() - t0) * 1000)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    return acked, latencies, time.perf_counter() - t0
+
+
+def _stats(label: str, latencies: list[float], wall: float) -> str:
+    q = statistics.quantiles(latencies, n=20)
+    return (f"{label}: {len(latencies)} requests, p50 {statistics.median(latencies):.0f} ms, p95 {q[18]:.0f} ms, "
+            f"{len(latencies) / wall:.1f} req/s")
+
+
+@pytest.mark.integration
+def test_every_acknowledged_request_logged_once_across_sigkill(tiny_model: Path, tmp_path: Path) -> None:
+    home, port = tmp_path / "home", _free_port()
+    proc = _start(home, tiny_model, port)
+    acked, latencies, wall = [], [], 0.0
+    try:
+        killer = threading.Timer(2.5, lambda: proc.send_signal(signal.SIGKILL))
+        killer.start()  # mid-load: some requests in flight die unacknowledged, acknowledged ones sit in the spool
+        got, lat, wall = _load(port, clients=4, seconds=6, max_requests=400)
+        killer.join()
+        acked += got
+        latencies += lat
+        assert proc.wait(timeout=30) == -signal.SIGKILL and got
+        proc = _start(home, tiny_model, port)  # replays the spool before it answers /health
+        got, lat, _ = _load(port, clients=2, seconds=1.5, max_requests=100)
+        acked += got
+    finally:
+        proc.send_signal(signal.SIGTERM)  # graceful: the last flush
+        proc.wait(timeout=120)
+    logged = [r["request_id"] for r in _delta_rows(home, "serving_log")]
+    assert len(logged) == len(set(logged)) and set(acked) <= set(logged)  # every acknowledged request exactly once
+    # A request spooled just before the kill but whose answer never reached its client is logged too: at most
+    # one per client that was waiting.
+    assert len(set(logged) - set(acked)) <= 4
+    assert not list((home / "spool").glob("*.flushing"))
+    assert len({p["prompt_id"] for p in _delta_rows(home, "prompts")}) == len(_delta_rows(home, "prompts")) <= 28
+    print("\n" + _stats("tiny model, 4 clients, capture on", latencies, wall))
+
+
+@pytest.mark.integration
+def test_latency_with_capture_on_and_off(tiny_model: Path, tmp_path: Path) -> None:
+    """Not a pass/fail gate: prints the spool's cost (fsync per request, a flush per second) at load."""
+    lines = []
+    for capture in ("true", "false"):
+        home, port = tmp_path / capture, _free_port()
+        proc = _start(home, tiny_model, port, f"serve.capture={capture}")
+        try:
+            _load(port, clients=1, seconds=0.5, max_requests=5)  # warm-up
+            _, latencies, wall = _load(port, clients=4, seconds=4, max_requests=1000)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        assert latencies
+        lines.append(_stats(f"tiny model, 4 clients, capture {capture}", latencies, wall))
+    print("\n" + "\n".join(lines))
+
+
+@pytest.mark.integration
+def test_hot_swap_loads_the_new_version_and_keeps_the_old_for_in_flight(
+        tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tao_spark import models as models_mod
+    from tao_spark.serve import Models
+    from tests.tiny import make_tiny_model
+
+    other = make_tiny_model(tmp_path / "v2", seed=1)
+    folders = {"models:/tao-policy/1": str(tiny_model), "models:/tao-policy/2": str(other)}
+    alias = {"version": "1"}
+    monkeypatch.setattr(Models, "_version", lambda self, spec: alias["version"] if spec.endswith("@champion") else None)
+    monkeypatch.setattr(models_mod, "resolve_model", lambda spec, home: folders[spec])
+    cfg = load_config(None, [f"home={tmp_path}"])
+    m = Models(cfg)
+    started = m.pick("champion")
+    assert started.version == "1" and m.refresh() == []  # the alias did not move: nothing reloaded
+    alias["version"] = "2"
+    assert m.refresh() == ["champion"]
+    assert m.pick("champion").version == "2" and m.pick("champion").path == str(other)
+    # A request that took the old engine before the swap still holds a working one.
+    out = started.generator.generate([[{"role": "user", "content": "hi"}]], n=1, temperature=0, top_p=1,
+                                     max_new_tokens=2, seeds=[0])
+    assert out[0][0].tokens >= 1
