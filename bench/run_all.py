@@ -1,0 +1,75 @@
+"""Every benchmark of the Spark paths against the bare libraries, into bench/results/latest.json.
+
+    make bench                                   # ingest, then this: ~6-8 min on 2 cores
+    .venv/bin/python bench/run_all.py --tiny     # smoke run on a tiny random model (~2 min)
+
+Runs, in this order, each in a fresh process (an earlier benchmark's threads, engines and torch settings must not
+slow a later one's in-process side): generation (UDF vs engine, roofline, loads per worker), scoring (UDF vs
+rewards), training (TorchDistributor vs in-process TRL), memory (peak RSS per stage). Every ratio is measured in
+this run; the machine and its load average at start and end go into the JSON beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import memory_bench  # noqa: E402
+
+
+def child(script: str, tiny: bool) -> dict[str, Any]:
+    """Run ``bench/<script>`` in a fresh interpreter (its output goes to ours) and return its JSON results."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve().parent / script), "--json", str(out)]
+        subprocess.run(cmd + (["--tiny"] if tiny and script != "scoring_bench.py" else []), check=True)
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2-135M (smoke run)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "latest.json"))
+    a = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    t0 = time.perf_counter()
+    machine, date = common.machine(), common.now()
+    common.model_path(a.tiny)  # convert the model once, before any timed child
+    gen = child("generation_bench.py", a.tiny)
+    sco = child("scoring_bench.py", a.tiny)
+    tra = child("training_bench.py", a.tiny)
+    mem = memory_bench.run(a.tiny)
+    machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    result = {
+        "generation_udf_ratio": gen["generation_udf_ratio"],
+        "scoring_udf_ratio": sco["scoring_udf_ratio"],
+        "training_distributor_ratio": tra["training_distributor_ratio"],
+        "model_loads_per_worker": {"generate": gen["model_loads_per_worker"], "score": sco["model_loads_per_worker"]},
+        "generation_roofline_fraction": gen["generation_roofline_fraction"],
+        "peak_rss_mb": {k: round(v["tree_peak_mb"]) for k, v in mem.items()},
+        "machine": machine,
+        "date": date,
+        "model": "tiny-random-llama" if a.tiny else "SmolLM2-135M-Instruct",
+        "seconds": time.perf_counter() - t0,
+        "details": {"generation": gen, "scoring": sco, "training": tra, "memory": mem},
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "details"}, indent=1, default=str))
+    print(f"wrote {a.out} in {result['seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
