@@ -152,17 +152,16 @@ def _score_partition(batches: Iterator[pd.DataFrame], *, specs: list[RewardSpec]
     key = reward_key(specs, cfg)
     for pdf in batches:
         scored = score_frame(pdf, specs, cfg)
-        names = list(scored.columns)
-        now = datetime.now(timezone.utc)
-        rows = [
-            {"round_id": r.round_id, "purpose": r.purpose, "prompt_id": r.prompt_id,
-             "candidate_idx": r.candidate_idx, "reward_name": name,
-             "value": None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v),
-             "reward_key": key, "reused_from": None, "created_at": now}
-            for r, (_, s) in zip(pdf.itertuples(), scored.iterrows(), strict=True)
-            for name, v in zip(names, (s[n] for n in names), strict=True)
-        ]
-        yield pd.DataFrame(rows, columns=columns("scores"))
+        scored.index = pdf.index
+        # Wide to long with one melt: building a dict per (candidate, component) was a third of scoring time.
+        ids = pdf[["round_id", "purpose", "prompt_id", "candidate_idx"]]
+        long = ids.join(scored.astype("float64")).melt(
+            id_vars=list(ids.columns), var_name="reward_name", value_name="value")
+        long["value"] = long["value"].astype(object).where(long["value"].notna(), None)
+        long["reward_key"] = key
+        long["reused_from"] = None
+        long["created_at"] = datetime.now(timezone.utc)
+        yield long[columns("scores")]
 
 
 def run(tables: Tables, prompts: DataFrame, *, round_id: str, purpose: str, cfg: ScoreConfig) -> ScoreResult:
