@@ -20,9 +20,18 @@ def _bundle() -> tuple[dict, list[tuple[Path, dict]]]:
     return root, resources
 
 
+def test_entry_files_do_not_shadow_modules():
+    # A job runs with jobs/ first on sys.path: jobs/select.py once hid the stdlib's select module.
+    import importlib.util
+    import sys
+
+    for path in JOBS.glob("*.py"):
+        assert path.stem not in sys.stdlib_module_names and importlib.util.find_spec(path.stem) is None, path
+
+
 def test_every_stage_has_a_thin_entry_file():
     for stage in ("ingest", "generate", "score", "select", "train", "evaluate", "register", "round", "loop"):
-        text = (JOBS / f"{stage}.py").read_text()
+        text = (JOBS / f"tao_{stage}.py").read_text()
         assert f'main(["{stage}", *sys.argv[1:]])' in text and stage in COMMANDS
 
 
@@ -46,7 +55,8 @@ def test_bundle_tasks_point_at_files_and_pass_accepted_parameters():
                 params = [p.replace("{{job.parameters.config}}", str(ROOT / "conf" / "databricks.yaml"))
                           for p in task["spark_python_task"]["parameters"]]
                 assert not any(re.search(r"\{\{|\$\{", p) for p in params)
-                args = build_parser().parse_args([entry.stem, *[p for p in params if not OVERRIDE.match(p)]])
+                stage = entry.stem.removeprefix("tao_")
+                args = build_parser().parse_args([stage, *[p for p in params if not OVERRIDE.match(p)]])
                 load_config(args.config, [p for p in params if OVERRIDE.match(p)])
             gpu_stages = {t["task_key"] for t in job["tasks"] if t["job_cluster_key"] == "gpu"}
             assert {"generate", "score", "train"} <= gpu_stages

@@ -1,4 +1,4 @@
-"""Ingest prompt files as a job: spark-submit jobs/ingest.py PATH... [--task T] [--config FILE] [key=value ...]"""
+"""Ingest prompt files as a job: spark-submit jobs/tao_ingest.py PATH... [--task T] [--config FILE] [key=value ...]"""
 
 from __future__ import annotations
 
