@@ -297,6 +297,20 @@ def ingest(
     source: str = "file",
 ) -> IngestResult:
     """Append the prompts of ``paths`` to ``prompts``; quarantine bad rows; return the batch's counts."""
+    counts = _append(spark, tables, paths, cfg, target="prompts", key="prompt_id",
+                     records=iter_records, build=build_row, task=task, source=source)
+    result = IngestResult(**counts, prompts_version=tables.snapshot("prompts"))
+    print(f"tao: ingest: {result.offered} offered, {result.accepted} accepted, {result.duplicates} duplicates, "
+          f"{result.quarantined} quarantined -> prompts v{result.prompts_version}", file=sys.stderr)
+    return result
+
+
+def _append(
+    spark: SparkSession, tables: Tables, paths: list[str | Path], cfg: IngestConfig, *, target: str, key: str,
+    records: Any, build: Any, task: str | None, source: str,
+) -> dict[str, Any]:
+    """Validate every record of ``paths`` with ``build``, MERGE the good rows into ``target`` by ``key`` and the
+    rejected ones into ``quarantine``; return the batch's counts (offered = accepted + duplicates + quarantined)."""
     batch_id = uuid.uuid4().hex
     now = datetime.now(timezone.utc)
     rows: dict[str, dict[str, Any]] = {}
@@ -306,39 +320,32 @@ def ingest(
     for p in map(Path, paths):
         data = _read_bytes(p)
         sha = hashlib.sha256(data).hexdigest()
-        for lineno, raw, rec in iter_records(p, data, cfg):
+        for lineno, raw, rec in records(p, data, cfg):
             offered += 1
             try:
                 if isinstance(rec, Reject):
                     raise rec
-                row = build_row(rec, cfg, task=task, source=source, now=now)
+                row = build(rec, cfg, task=task, source=source, now=now)
             except Reject as r:
                 reason = str(r)
                 reasons[reason.split(":")[0]] = reasons.get(reason.split(":")[0], 0) + 1
-                bad.append({"target": "prompts", "source_sha256": sha, "line": lineno, "batch_id": batch_id,
+                bad.append({"target": target, "source_sha256": sha, "line": lineno, "batch_id": batch_id,
                             "source_file": str(p), "raw": _escape(raw), "reason": reason, "ingested_at": now})
                 continue
-            if row["prompt_id"] in rows:
+            if row[key] in rows:
                 in_batch_dups += 1
                 continue
-            rows[row["prompt_id"]] = {**row, "source_file": str(p), "ingested_at": now, "batch_id": batch_id}
+            rows[row[key]] = {**row, "source_file": str(p), "ingested_at": now, "batch_id": batch_id}
 
     accepted = 0
     if rows:
-        accepted = tables.merge("prompts", _frame(spark, "prompts", list(rows.values())),
-                                retries=cfg.commit_retries)
+        accepted = tables.merge(target, _frame(spark, target, list(rows.values())), retries=cfg.commit_retries)
     else:
-        tables.ensure("prompts")
+        tables.ensure(target)
     if bad:
         tables.merge("quarantine", _frame(spark, "quarantine", bad), retries=cfg.commit_retries)
-    result = IngestResult(
-        batch_id=batch_id, offered=offered, accepted=accepted,
-        duplicates=in_batch_dups + len(rows) - accepted, quarantined=len(bad),
-        prompts_version=tables.snapshot("prompts"), reasons=reasons,
-    )
-    print(f"tao: ingest: {result.offered} offered, {result.accepted} accepted, {result.duplicates} duplicates, "
-          f"{result.quarantined} quarantined -> prompts v{result.prompts_version}", file=sys.stderr)
-    return result
+    return {"batch_id": batch_id, "offered": offered, "accepted": accepted,
+            "duplicates": in_batch_dups + len(rows) - accepted, "quarantined": len(bad), "reasons": reasons}
 
 
 
@@ -435,45 +442,9 @@ def ingest_preferences(
 
     The same contract as ``ingest``: ``offered == accepted + duplicates + quarantined``, re-ingesting inserts nothing.
     """
-    batch_id = uuid.uuid4().hex
-    now = datetime.now(timezone.utc)
-    rows: dict[str, dict[str, Any]] = {}
-    bad: list[dict[str, Any]] = []
-    offered = in_batch_dups = 0
-    reasons: dict[str, int] = {}
-    for p in map(Path, paths):
-        data = _read_bytes(p)
-        sha = hashlib.sha256(data).hexdigest()
-        for lineno, raw, rec in _iter_pair_records(p, data, cfg):
-            offered += 1
-            try:
-                if isinstance(rec, Reject):
-                    raise rec
-                row = build_pair_row(rec, cfg, task=task, source=source, now=now)
-            except Reject as r:
-                reason = str(r)
-                reasons[reason.split(":")[0]] = reasons.get(reason.split(":")[0], 0) + 1
-                bad.append({"target": "preference_pairs", "source_sha256": sha, "line": lineno, "batch_id": batch_id,
-                            "source_file": str(p), "raw": _escape(raw), "reason": reason, "ingested_at": now})
-                continue
-            if row["pair_id"] in rows:
-                in_batch_dups += 1
-                continue
-            rows[row["pair_id"]] = {**row, "source_file": str(p), "ingested_at": now, "batch_id": batch_id}
-
-    accepted = 0
-    if rows:
-        accepted = tables.merge("preference_pairs", _frame(spark, "preference_pairs", list(rows.values())),
-                                retries=cfg.commit_retries)
-    else:
-        tables.ensure("preference_pairs")
-    if bad:
-        tables.merge("quarantine", _frame(spark, "quarantine", bad), retries=cfg.commit_retries)
-    result = PreferenceIngestResult(
-        batch_id=batch_id, offered=offered, accepted=accepted,
-        duplicates=in_batch_dups + len(rows) - accepted, quarantined=len(bad),
-        pairs_version=tables.snapshot("preference_pairs"), reasons=reasons,
-    )
+    counts = _append(spark, tables, paths, cfg, target="preference_pairs", key="pair_id",
+                     records=_iter_pair_records, build=build_pair_row, task=task, source=source)
+    result = PreferenceIngestResult(**counts, pairs_version=tables.snapshot("preference_pairs"))
     print(f"tao: ingest-preferences: {result.offered} offered, {result.accepted} accepted, {result.duplicates} "
           f"duplicates, {result.quarantined} quarantined -> preference_pairs v{result.pairs_version}", file=sys.stderr)
     return result
