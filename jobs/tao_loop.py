@@ -1,4 +1,6 @@
-"""Stage entry point for spark-submit and lakehouse jobs: spark-submit jobs/tao_loop.py [--config FILE] [key=value ...]
+"""Stage entry point for spark-submit and lakehouse jobs:
+
+    spark-submit jobs/tao_loop.py [--config FILE] [key=value ...]
 
 Thin on purpose: it is `tao loop` (`--once` for schedulers); the logic lives in tao_spark.
 """

@@ -1,4 +1,6 @@
-"""Stage entry point for spark-submit and lakehouse jobs: spark-submit jobs/tao_select.py [--config FILE] [key=value ...]
+"""Stage entry point for spark-submit and lakehouse jobs:
+
+    spark-submit jobs/tao_select.py [--config FILE] [key=value ...]
 
 Thin on purpose: it is `tao select`; the logic lives in tao_spark.
 """

@@ -1,4 +1,6 @@
-"""Stage entry point for spark-submit and lakehouse jobs: spark-submit jobs/tao_train.py [--config FILE] [key=value ...]
+"""Stage entry point for spark-submit and lakehouse jobs:
+
+    spark-submit jobs/tao_train.py [--config FILE] [key=value ...]
 
 Thin on purpose: it is `tao train`; the logic lives in tao_spark.
 """

@@ -67,10 +67,10 @@ def print_table(rows: list[dict[str, Any]], max_width: int = 60) -> None:
     cols = list(rows[0])
     cells = [[str(_jsonable(r.get(c)))[:max_width] for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     print("  ".join("-" * w for w in widths))
     for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
 def _ingest_args(p: argparse.ArgumentParser) -> None:
@@ -199,7 +199,8 @@ def _history(a: argparse.Namespace, cfg: Config) -> int:
         m = h.get("operationMetrics") or {}
         rows.append({
             "version": h.get("version"),
-            "timestamp": dt.datetime.fromtimestamp(h["timestamp"] / 1000, dt.timezone.utc).isoformat(timespec="seconds"),
+            "timestamp": dt.datetime.fromtimestamp(h["timestamp"] / 1000, dt.timezone.utc)
+            .isoformat(timespec="seconds"),
             "operation": h.get("operation"),
             "rows_written": m.get("numTargetRowsInserted", m.get("numOutputRows")),
             "engine": h.get("engineInfo"),

@@ -71,7 +71,8 @@ class IngestConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = _f("smollm2-135m-instruct", "policy: a local HF folder, an MLflow models:/ URI, or the bundled default name")
+    path: str = _f("smollm2-135m-instruct",
+                   "policy: a local HF folder, an MLflow models:/ URI, or the bundled default name")
     dtype: str = _f("float32", "torch dtype for CPU work; bfloat16 on GPU")
 
     def __post_init__(self) -> None:
@@ -90,7 +91,8 @@ class GenerateConfig:
     batch_size: int = _f(32, "sequences decoded together (prompts x n streams); vllm takes a partition at once")
     partitions: int = _f(2, "Spark partitions for the fan-out (at most one per core on CPU)")
     max_prompts: int = _f(0, "cap on training prompts per round, taken in a stable order; 0 = all")
-    torch_threads: int = _f(0, "intra-op threads per partition; 0 = cores // partitions (oversubscription is 5-10x slower)")
+    torch_threads: int = _f(0, "intra-op threads per partition; 0 = cores // partitions "
+                               "(oversubscription is 5-10x slower)")
     gpu_memory_utilization: float = _f(0.9, "vllm: share of GPU memory for weights + KV cache (vLLM's default)")
     max_model_len: int = _f(0, "vllm: longest prompt + answer in tokens, sizes the KV cache; 0 = the model's own limit")
     tensor_parallel_size: int = _f(1, "vllm: GPUs per engine; one engine per executor Python worker")
@@ -119,7 +121,7 @@ class GenerateConfig:
 @dataclass
 class RewardSpec:
     name: str = _f("", "column name of this component in `scores`")
-    fn: str = _f("", "built-in reward (instruction_following, json_key, numeric_answer, length_penalty, coherence) or module:function")
+    fn: str = _f("", "a built-in reward (see tao_spark.rewards.BUILTINS) or package.module:function")
     weight: float = _f(1.0, "weight in the combined reward")
     model: str | None = _f(None, "model URI for model-based rewards (models:/tao-reward@champion)")
     params: dict[str, Any] = _f({}, "keyword arguments for the reward")

@@ -96,7 +96,7 @@ def run(
     """Answer, score and compare. ``challenger``/``champion`` are (model uri, local path, policy id)."""
     gen_cfg = dataclasses.replace(cfg.generate, n=1, temperature=cfg.evaluate.temperature,
                                   max_new_tokens=cfg.evaluate.max_new_tokens)
-    for arm, (uri, path, pid) in zip(ARMS, (challenger, champion)):
+    for arm, (uri, path, pid) in zip(ARMS, (challenger, champion), strict=True):
         generate.run(tables, holdout, round_id=round_id, purpose=f"eval_{arm}",
                      model=dataclasses.replace(cfg.model, path=uri), model_path=path, policy_id=pid, cfg=gen_cfg)
         score.run(tables, holdout, round_id=round_id, purpose=f"eval_{arm}", cfg=cfg.score)

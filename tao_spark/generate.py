@@ -87,7 +87,7 @@ def _generate_partition(
                  "completion": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason, "policy": policy,
                  "policy_id": policy_id, "sampling": sampling_json, "seed": seed, "reused_from": None,
                  "created_at": now}
-                for pid, task, seed, cands in zip(part["prompt_id"], part["task"], seeds, outs)
+                for pid, task, seed, cands in zip(part["prompt_id"], part["task"], seeds, outs, strict=True)
                 for i, c in enumerate(cands)
             ]
             yield pd.DataFrame(rows, columns=columns("candidates"))

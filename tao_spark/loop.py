@@ -28,7 +28,7 @@ from pyspark.sql import functions as F
 from tao_spark import evaluate, generate, registry, score, select
 from tao_spark.config import Config
 from tao_spark.models import model_id, resolve_model
-from tao_spark.tables import SCHEMAS, Tables, TableNotFound, columns
+from tao_spark.tables import SCHEMAS, TableNotFound, Tables, columns
 
 STAGES = ("generate", "score", "select", "train", "evaluate", "register")
 HOLDOUT_BUCKETS = 10_000
@@ -180,6 +180,14 @@ def _model(cfg: Config, uri: str) -> tuple[str, str, str]:
     return uri, path, model_id(path)
 
 
+def _figures(ev: pd.DataFrame, per_task: dict[str, dict[str, float]]) -> dict[str, Any]:
+    from tao_spark.rewards.plots import reward_length_figure
+
+    tuned = pd.DataFrame({"task": ev.task, "reward": ev.challenger_reward, "tokens": ev.challenger_tokens})
+    return {**evaluate.figures(ev, per_task),
+            "reward_vs_length": reward_length_figure(tuned, "tuned model: reward vs. answer length (held out)")}
+
+
 def run_stage(tables: Tables, rnd: Round, stage: str, cfg: Config) -> Round:
     """Run one stage of a round and record it; a stage already done is skipped."""
     if rnd.done(stage):
@@ -258,7 +266,7 @@ def run_stage(tables: Tables, rnd: Round, stage: str, cfg: Config) -> Round:
             adapter_dir=str(out_dir / "train" / "adapter"), merged_dir=rnd.tuned_model or "",
             tags={"tao.base_model": rnd.base_model, "tao.baseline_model": rnd.baseline_model,
                   "tao.policy_id": rnd.policy_id or ""},
-            figures=evaluate.figures(ev_frame, m.get("eval_per_task", {})), run_id=rnd.mlflow_run_id,
+            figures=_figures(ev_frame, m.get("eval_per_task", {})), run_id=rnd.mlflow_run_id,
         )
         rnd.mlflow_run_id, rnd.model_version = reg.run_id, reg.model_version
         rnd.promoted, rnd.gate_reason = reg.decision.promote, reg.decision.reason
@@ -311,7 +319,8 @@ def report(rnd: Round, cfg: Config) -> str:
                          f"{m.get('eval_challenger_compliance', float('nan')):.3f} "
                          "(share of prompts meeting every stated constraint)")
         lines.append(f"  answer tokens   {m['eval_champion_tokens']:.1f} -> {m['eval_challenger_tokens']:.1f}")
-        lines.append(f"  win rate        {evaluate.fmt_interval({k[5:]: v for k, v in m.items() if k.startswith('eval_')})}"
+        eval_metrics = {k.removeprefix("eval_"): v for k, v in m.items() if k.startswith("eval_")}
+        lines.append(f"  win rate        {evaluate.fmt_interval(eval_metrics)}"
                      " (ties count half)")
         for task, tm in sorted(m.get("eval_per_task", {}).items()):
             lines.append(f"    {task:<14}{evaluate.fmt_interval(tm)}  reward {tm['champion_reward']:.3f} -> "

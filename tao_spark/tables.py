@@ -69,7 +69,8 @@ SCHEMAS: dict[str, str] = {
         "round_id string, status string, prompts_version long, previous_version long, first_version long, "
         "n_prompts long, n_train long, n_holdout long, "
         "new_prompts long, reused_candidates long, new_candidates long, pairs long, "
-        "base_model string, baseline_model string, policy_id string, tuned_model string, mlflow_run_id string, model_version string, "
+        "base_model string, baseline_model string, policy_id string, tuned_model string, mlflow_run_id string, "
+        "model_version string, "
         "promoted boolean, gate_reason string, metrics string, config_hash string, git_commit string, "
         "started_at timestamp, finished_at timestamp"
     ),

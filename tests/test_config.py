@@ -54,7 +54,8 @@ def test_overrides_apply_over_the_file() -> None:
     assert cfg.train.merge is False
     assert cfg.ingest.max_prompt_chars == 8000
     assert cfg.ingest.default_task == "support"
-    assert cfg.generate.temperature == pytest.approx(yaml.safe_load((CONF / "local.yaml").read_text())["generate"]["temperature"])
+    file_value = yaml.safe_load((CONF / "local.yaml").read_text())["generate"]["temperature"]
+    assert cfg.generate.temperature == pytest.approx(file_value)
 
 
 def test_override_without_file_and_int_to_float() -> None:

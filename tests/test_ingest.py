@@ -352,7 +352,7 @@ def test_two_cli_processes_at_once_lose_and_duplicate_nothing(tmp_path: Path) ->
     procs = [subprocess.Popen([sys.executable, "-m", "tao_spark.cli", "ingest", str(f), str(shared), "--json"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for f in (a, b)]
     outs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
     results = [json.loads(out) for out, _ in outs]
     union = n + n // 2 + 300

@@ -28,7 +28,8 @@ def _slice(tmp: Path, name: str, lo: int, hi: int) -> Path:
 
 
 def _loop_overrides(home: Path, model: Path) -> list[str]:
-    return [o for o in _overrides(home, model) if not o.startswith(("generate.max_prompts", "evaluate.max_prompts"))] + [
+    kept = [o for o in _overrides(home, model) if not o.startswith(("generate.max_prompts", "evaluate.max_prompts"))]
+    return kept + [
         "generate.n=2", "generate.max_new_tokens=6", "evaluate.max_new_tokens=6", "loop.forgetting_prompts=4",
         "generate.max_prompts=0",
         "gate.min_win_rate_low=0.0", "gate.max_task_drop=1.0", "gate.max_forgetting=1.0", "train.trl.max_steps=1",

@@ -93,6 +93,8 @@ def test_round_end_to_end(spark, tmp_path, tiny_model):
     assert source["path"].endswith("/prompts") and source["delta_table_version"] == rnd.prompts_version
     artifacts = {a.path for a in client.list_artifacts(rnd.mlflow_run_id)}
     assert {"model", "adapter", "plots", "config.json"} <= artifacts
+    plots = {Path(a.path).name for a in client.list_artifacts(rnd.mlflow_run_id, "plots")}
+    assert plots == {"reward_histogram.png", "win_rate_by_task.png", "reward_vs_length.png"}
     mv = client.get_model_version_by_alias(cfg.mlflow.model_name, "challenger")
     assert str(mv.version) == rnd.model_version and mv.run_id == rnd.mlflow_run_id
     if rnd.promoted:
