@@ -80,24 +80,28 @@ def _ingest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object with the counts")
 
 
-@command("ingest", "append prompt files to the Delta prompt log", _ingest_args)
-def _ingest(a: argparse.Namespace, cfg: Config) -> int:
-    from tao_spark.ingest import ingest
+def _ingest_handler(name: str, fn_name: str) -> Handler:
+    def run(a: argparse.Namespace, cfg: Config) -> int:
+        from tao_spark import ingest
 
-    missing = [p for p in a.paths if not Path(p).is_file()]
-    if missing:
-        print(f"tao ingest: no such file: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    spark, tables = _context(cfg)
-    r = ingest(spark, tables, a.paths, cfg.ingest, task=a.task, source=a.source)
-    if a.json:
-        print(json.dumps(r.to_json()))
-    else:
-        print(f"batch {r.batch_id}: {r.offered} offered, {r.accepted} accepted, {r.duplicates} duplicates, "
-              f"{r.quarantined} quarantined; prompts is now at version {r.prompts_version}")
-        for reason, n in sorted(r.reasons.items(), key=lambda x: -x[1]):
-            print(f"  quarantined {n:>5}  {reason}")
-    return 0
+        missing = [p for p in a.paths if not Path(p).is_file()]
+        if missing:
+            print(f"tao {name}: no such file: {', '.join(missing)}", file=sys.stderr)
+            return 2
+        spark, tables = _context(cfg)
+        r = getattr(ingest, fn_name)(spark, tables, a.paths, cfg.ingest, task=a.task, source=a.source)
+        if a.json:
+            print(json.dumps(r.to_json()))
+        else:
+            print(f"batch {r.batch_id}: {r.offered} offered, {r.accepted} accepted, {r.duplicates} duplicates, "
+                  f"{r.quarantined} quarantined; {r.table} is now at version {r.version}")
+            for reason, n in sorted(r.reasons.items(), key=lambda x: -x[1]):
+                print(f"  quarantined {n:>5}  {reason}")
+        return 0
+    return run
+
+
+command("ingest", "append prompt files to the Delta prompt log", _ingest_args)(_ingest_handler("ingest", "ingest"))
 
 
 def _prefs_args(p: argparse.ArgumentParser) -> None:
@@ -108,24 +112,8 @@ def _prefs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object with the counts")
 
 
-@command("ingest-preferences", "append pairwise preferences to the Delta table preference_pairs", _prefs_args)
-def _ingest_preferences(a: argparse.Namespace, cfg: Config) -> int:
-    from tao_spark.ingest import ingest_preferences
-
-    missing = [p for p in a.paths if not Path(p).is_file()]
-    if missing:
-        print(f"tao ingest-preferences: no such file: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    spark, tables = _context(cfg)
-    r = ingest_preferences(spark, tables, a.paths, cfg.ingest, task=a.task, source=a.source)
-    if a.json:
-        print(json.dumps(r.to_json()))
-    else:
-        print(f"batch {r.batch_id}: {r.offered} offered, {r.accepted} accepted, {r.duplicates} duplicates, "
-              f"{r.quarantined} quarantined; preference_pairs is now at version {r.pairs_version}")
-        for reason, n in sorted(r.reasons.items(), key=lambda x: -x[1]):
-            print(f"  quarantined {n:>5}  {reason}")
-    return 0
+command("ingest-preferences", "append pairwise preferences to the Delta table preference_pairs", _prefs_args)(
+    _ingest_handler("ingest-preferences", "ingest_preferences"))
 
 
 def _train_reward_args(p: argparse.ArgumentParser) -> None:

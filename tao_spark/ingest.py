@@ -41,18 +41,24 @@ class Reject(Exception):
 
 @dataclasses.dataclass
 class IngestResult:
+    """One batch's counts; ``offered == accepted + duplicates + quarantined``."""
+
     batch_id: str
     offered: int
     accepted: int
     duplicates: int
     quarantined: int
-    prompts_version: int
+    table: str
+    version: int  # the Delta version of ``table`` after the write
     reasons: dict[str, int]
 
+    @property
+    def prompts_version(self) -> int:
+        return self.version
+
     def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        del d["reasons"]
-        return d
+        return {"batch_id": self.batch_id, "offered": self.offered, "accepted": self.accepted,
+                "duplicates": self.duplicates, "quarantined": self.quarantined, f"{self.table}_version": self.version}
 
 
 def prompt_id(task: str, messages: list[dict[str, str]]) -> str:
@@ -297,18 +303,14 @@ def ingest(
     source: str = "file",
 ) -> IngestResult:
     """Append the prompts of ``paths`` to ``prompts``; quarantine bad rows; return the batch's counts."""
-    counts = _append(spark, tables, paths, cfg, target="prompts", key="prompt_id",
-                     records=iter_records, build=build_row, task=task, source=source)
-    result = IngestResult(**counts, prompts_version=tables.snapshot("prompts"))
-    print(f"tao: ingest: {result.offered} offered, {result.accepted} accepted, {result.duplicates} duplicates, "
-          f"{result.quarantined} quarantined -> prompts v{result.prompts_version}", file=sys.stderr)
-    return result
+    return _append(spark, tables, paths, cfg, target="prompts", key="prompt_id",
+                   records=iter_records, build=build_row, task=task, source=source)
 
 
 def _append(
     spark: SparkSession, tables: Tables, paths: list[str | Path], cfg: IngestConfig, *, target: str, key: str,
     records: Any, build: Any, task: str | None, source: str,
-) -> dict[str, Any]:
+) -> IngestResult:
     """Validate every record of ``paths`` with ``build``, MERGE the good rows into ``target`` by ``key`` and the
     rejected ones into ``quarantine``; return the batch's counts (offered = accepted + duplicates + quarantined)."""
     batch_id = uuid.uuid4().hex
@@ -344,30 +346,17 @@ def _append(
         tables.ensure(target)
     if bad:
         tables.merge("quarantine", _frame(spark, "quarantine", bad), retries=cfg.commit_retries)
-    return {"batch_id": batch_id, "offered": offered, "accepted": accepted,
-            "duplicates": in_batch_dups + len(rows) - accepted, "quarantined": len(bad), "reasons": reasons}
+    result = IngestResult(batch_id, offered, accepted, in_batch_dups + len(rows) - accepted, len(bad), target,
+                          tables.snapshot(target), reasons)
+    print(f"tao: ingest {target}: {offered} offered, {accepted} accepted, {result.duplicates} duplicates, "
+          f"{len(bad)} quarantined -> {target} v{result.version}", file=sys.stderr)
+    return result
 
 
 
 # --- preference pairs --------------------------------------------------------------------------------------------
 
 PAIR_FIELDS = ("chosen", "rejected", "source")
-
-
-@dataclasses.dataclass
-class PreferenceIngestResult:
-    batch_id: str
-    offered: int
-    accepted: int
-    duplicates: int
-    quarantined: int
-    pairs_version: int
-    reasons: dict[str, int]
-
-    def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        del d["reasons"]
-        return d
 
 
 def pair_id(task: str, messages: list[dict[str, str]], chosen: str, rejected: str) -> str:
@@ -437,14 +426,10 @@ def ingest_preferences(
     *,
     task: str | None = None,
     source: str = "file",
-) -> PreferenceIngestResult:
+) -> IngestResult:
     """Append the pairs of ``paths`` to ``preference_pairs``; quarantine bad rows (target ``preference_pairs``).
 
     The same contract as ``ingest``: ``offered == accepted + duplicates + quarantined``, re-ingesting inserts nothing.
     """
-    counts = _append(spark, tables, paths, cfg, target="preference_pairs", key="pair_id",
-                     records=_iter_pair_records, build=build_pair_row, task=task, source=source)
-    result = PreferenceIngestResult(**counts, pairs_version=tables.snapshot("preference_pairs"))
-    print(f"tao: ingest-preferences: {result.offered} offered, {result.accepted} accepted, {result.duplicates} "
-          f"duplicates, {result.quarantined} quarantined -> preference_pairs v{result.pairs_version}", file=sys.stderr)
-    return result
+    return _append(spark, tables, paths, cfg, target="preference_pairs", key="pair_id",
+                   records=_iter_pair_records, build=build_pair_row, task=task, source=source)

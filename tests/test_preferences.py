@@ -46,7 +46,7 @@ def test_ingest_preferences_quarantines_dedups_and_reconciles(spark, tables, tmp
                                              "The moon pulls the sea.", "Tides tides tides.")
     assert stored["labelers"].task == "default" and stored["labelers"].prompt == "Explain tides."
     again = ingest_preferences(spark, tables, [tmp_path / "p.jsonl"], CFG)
-    assert (again.accepted, again.duplicates, again.pairs_version) == (0, 3, r.pairs_version)
+    assert (again.accepted, again.duplicates, again.version) == (0, 3, r.version)
 
 
 def test_ingest_preferences_reads_parquet(spark, tables, tmp_path):
