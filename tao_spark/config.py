@@ -42,7 +42,8 @@ def _check(ok: bool, key: str, why: str) -> None:
 @dataclass
 class SparkConfig:
     remote: str | None = _f(None, "Spark Connect URL (sc://host:port); None starts an embedded Sail server")
-    master: str | None = _f(None, "classic JVM Spark master (local[2], yarn, ...); no Delta jars needed here")
+    master: str | None = _f(None, "classic JVM Spark master (local[2], spark://host:7077, yarn); Delta through "
+                                  "delta-spark")
     app_name: str = _f("tao_spark", "Spark application name")
     shuffle_partitions: int = _f(4, "spark.sql.shuffle.partitions; small because the embedded tables are small")
     conf: dict[str, str] = _f({}, "extra Spark conf passed to the session builder")
@@ -313,7 +314,8 @@ class ServeConfig:
 @dataclass
 class Config:
     home: str = _f("", "root of everything written locally (lakehouse, MLflow, model cache); '' = $TAO_HOME or ./.tao")
-    lakehouse: str = _f("", "Delta table root; '' = <home>/lakehouse")
+    lakehouse: str = _f("", "Delta tables: a folder ('' = <home>/lakehouse) or, on JVM Spark and Databricks, "
+                                 "a catalog namespace (schema or catalog.schema)")
     spark: SparkConfig = _f(None, "Spark session")
     ingest: IngestConfig = _f(None, "prompt-log ingestion")
     model: ModelConfig = _f(None, "policy model")
@@ -334,6 +336,9 @@ class Config:
                 setattr(self, f.name, _hint(Config, f.name)())
         self.home = str(Path(self.home or os.environ.get("TAO_HOME") or ".tao").resolve())
         self.lakehouse = self.lakehouse or str(Path(self.home) / "lakehouse")
+        if self.spark.master:
+            self.spark.conf = {**local_catalog_conf(self.home, catalog=is_namespace(self.lakehouse)),
+                               **self.spark.conf}
 
     @property
     def tracking_uri(self) -> str:
@@ -345,6 +350,31 @@ class Config:
     def digest(self) -> str:
         """Stable hash of the resolved config, tagged on every MLflow run."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# `schema` or `catalog.schema`: a lakehouse given as a catalog namespace rather than a path.
+_NAMESPACE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
+
+
+def is_namespace(lakehouse: str) -> bool:
+    """True when ``lakehouse`` names a catalog namespace (``tao``, ``main.tao``) instead of a folder."""
+    return _NAMESPACE.fullmatch(lakehouse) is not None
+
+
+def local_catalog_conf(home: str, *, catalog: bool) -> dict[str, str]:
+    """Spark conf that keeps a JVM driver's warehouse (and, for a catalog lakehouse, its Hive metastore) under
+    ``home`` instead of the working directory. The metastore is embedded Derby: one driver (or one Spark Connect
+    server, which its clients share) opens it at a time.
+    """
+    conf = {"spark.sql.warehouse.dir": str(Path(home) / "warehouse")}
+    if catalog:
+        conf.update({
+            "spark.sql.catalogImplementation": "hive",
+            "spark.hadoop.javax.jdo.option.ConnectionURL":
+                f"jdbc:derby:;databaseName={Path(home) / 'metastore_db'};create=true",
+            "spark.driver.extraJavaOptions": f"-Dderby.system.home={home}",
+        })
+    return conf
 
 
 def _hint(cls: type, name: str) -> Any:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,6 +334,9 @@ def get_generator(engine: str, model_path: str, dtype: str = "float32", batch_si
                 raise ValueError(f"unknown generation engine {engine!r}: transformers or vllm")
             name = f"{engine}:{model_path}:{dtype}"
             _loads[name] = _loads.get(name, 0) + 1
+            # On a cluster this lands in the executor's stderr: where a reader checks one load per worker.
+            print(f"tao: engine load {name} in pid {os.getpid()} (load {_loads[name]} in this process)",
+                  file=sys.stderr, flush=True)
         return _engines[key]
 
 

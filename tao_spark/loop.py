@@ -261,7 +261,7 @@ def run_stage(tables: Tables, rnd: Round, stage: str, cfg: Config) -> Round:
         decision = registry.gate({k.removeprefix("eval_"): v for k, v in flat.items() if k.startswith("eval_")},
                                  m.get("eval_task_drops", {}), cfg.gate, forgetting=m.get("forgetting"))
         reg = registry.register(
-            cfg, round_id=rnd.round_id, prompts_path=tables.path("prompts"), prompts_version=rnd.prompts_version,
+            cfg, round_id=rnd.round_id, prompts_source=tables.lineage("prompts"), prompts_version=rnd.prompts_version,
             metrics=flat, per_task=m.get("eval_per_task", {}), decision=decision,
             adapter_dir=str(out_dir / "train" / "adapter"), merged_dir=rnd.tuned_model or "",
             tags={"tao.base_model": rnd.base_model, "tao.baseline_model": rnd.baseline_model,

@@ -2,9 +2,9 @@
 
     tao register --round ROUND_ID
 
-The run holds the resolved config, metrics, plots, the prompt snapshot as a dataset input (Delta path and
-version), the adapter and the merged model. The version gets alias ``challenger``; ``champion`` moves to
-it only when the gate passes, and the run records why or why not.
+The run holds the resolved config, metrics, plots, the prompt snapshot as a dataset input (Delta path, or
+table name in catalog mode, and version), the adapter and the merged model. The version gets alias
+``challenger``; ``champion`` moves to it only when the gate passes, and the run records why or why not.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class Registration:
 
 
 def register(
-    cfg: Config, *, round_id: str, prompts_path: str, prompts_version: int, metrics: dict[str, float],
+    cfg: Config, *, round_id: str, prompts_source: dict[str, str], prompts_version: int, metrics: dict[str, float],
     per_task: dict[str, dict[str, float]], decision: GateDecision, adapter_dir: str, merged_dir: str,
     tags: dict[str, str], figures: dict[str, Any], run_id: str | None = None,
 ) -> Registration:
@@ -128,7 +128,7 @@ def register(
         mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})
         for task, m in per_task.items():
             mlflow.log_metrics({f"task.{task}.{k}": v for k, v in m.items() if v == v})
-        source = DeltaDatasetSource(path=prompts_path, delta_table_version=prompts_version)
+        source = DeltaDatasetSource(**prompts_source, delta_table_version=prompts_version)
         mlflow.log_input(MetaDataset(source=source, name=f"prompts@v{prompts_version}",
                                      digest=f"{prompts_version:08d}"), context="training")
         mlflow.set_tags({**tags, "tao.round_id": round_id, "tao.prompts_version": str(prompts_version),

@@ -263,12 +263,12 @@ def run(spark: SparkSession, tables: Tables, cfg: Config, *, name: str | None = 
     wall_s = time.perf_counter() - t0
     metrics = {**report["metrics"], **holdout_metrics(report["holdout"]), "wall_s": wall_s}
     metrics["accuracy_per_minute"] = metrics["holdout_accuracy"] / (wall_s / 60)
-    return register(cfg, name or rm.name, out, metrics, report["holdout"], tables.path("preference_pairs"), version,
+    return register(cfg, name or rm.name, out, metrics, report["holdout"], tables.lineage("preference_pairs"), version,
                     run_name)
 
 
 def register(cfg: Config, name: str, out: Path, metrics: dict[str, float], holdout: list[dict[str, Any]],
-             pairs_path: str, pairs_version: int, run_name: str) -> RewardModelResult:
+             pairs_source: dict[str, str], pairs_version: int, run_name: str) -> RewardModelResult:
     """Log the training run to MLflow, register ``out/model`` as ``name``; ``champion`` only if accuracy beats it."""
     import mlflow
     from mlflow import MlflowClient
@@ -286,7 +286,7 @@ def register(cfg: Config, name: str, out: Path, metrics: dict[str, float], holdo
         mlflow.log_params({f"reward_model.{k}": json.dumps(v) if isinstance(v, (list, dict)) else str(v)
                            for k, v in dataclasses.asdict(cfg.reward_model).items()})
         mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})
-        source = DeltaDatasetSource(path=pairs_path, delta_table_version=pairs_version)
+        source = DeltaDatasetSource(**pairs_source, delta_table_version=pairs_version)
         mlflow.log_input(MetaDataset(source=source, name=f"preference_pairs@v{pairs_version}",
                                      digest=f"{pairs_version:08d}"), context="training")
         rows = [{"task": r["task"], "words": r[f"{s}_words"], "reward": r[f"{s}_score"], "side": s}

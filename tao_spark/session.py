@@ -40,11 +40,42 @@ def _start_sail() -> str:
     return f"sc://{host}:{port}"
 
 
+DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
+DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+
+
+def delta_package() -> str:
+    """The Maven coordinate of delta-spark's jars matching the installed ``delta-spark`` Python package."""
+    from importlib.metadata import version
+
+    return f"io.delta:delta-spark_2.13:{version('delta-spark')}"
+
+
+def delta_conf(conf: dict[str, str], shuffle_partitions: int) -> dict[str, str]:
+    """Spark conf for Delta on JVM Spark (delta-spark), under ``conf`` (the user's keys win).
+
+    The jars come from Maven through ``spark.jars.packages`` unless ``conf`` already names jars (``spark.jars``,
+    for example ones fetched with ``mvn dependency:get`` where Spark's own resolver cannot reach a registry).
+    """
+    out = {
+        "spark.sql.extensions": DELTA_EXTENSION,
+        "spark.sql.catalog.spark_catalog": DELTA_CATALOG,
+        # Delta rebuilds a table's state with 50 tasks by default: most of a small read's time on a few cores.
+        "spark.databricks.delta.snapshotPartitions": str(max(2, shuffle_partitions)),
+        "spark.ui.showConsoleProgress": "false",  # the stages print their own progress
+    }
+    if "spark.jars" not in conf and "delta-spark" not in conf.get("spark.jars.packages", ""):
+        packages = [p for p in conf.get("spark.jars.packages", "").split(",") if p]
+        out["spark.jars.packages"] = ",".join([*packages, delta_package()])
+    return {**out, **conf}
+
+
 def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
     """Return a Spark session for ``cfg``, reusing one already made in this process.
 
-    Order: ``spark.remote`` (Spark Connect), ``spark.master`` (classic JVM Spark), the session of a running
-    Spark application (a Databricks job, spark-submit), else an embedded Sail server.
+    Order: ``spark.remote`` (Spark Connect: a JVM server, Databricks), ``spark.master`` (classic JVM Spark with
+    delta-spark: ``local[2]``, ``spark://host:7077``, yarn), the session of a running Spark application
+    (spark-submit, a Databricks job), else an embedded Sail server.
     """
     cfg = cfg or SparkConfig()
     key = (cfg.remote, cfg.master)
@@ -52,20 +83,28 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
         cached = _sessions.get(key)
         if cached is not None and not _is_stopped(cached):
             return cached
-        if cfg.remote or cfg.master:
-            builder = SparkSession.builder.appName(cfg.app_name)
-            builder = builder.remote(cfg.remote) if cfg.remote else builder.master(cfg.master)  # type: ignore[arg-type]
-            if cfg.master:
-                # Workers must run the driver's interpreter, or they import a different pyspark/pandas.
-                os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-                builder = builder.config("spark.ui.enabled", "false")
+        conf = dict(cfg.conf)
+        if cfg.remote:
+            builder = SparkSession.builder.appName(cfg.app_name).remote(cfg.remote)
+        elif cfg.master:
+            builder = SparkSession.builder.appName(cfg.app_name).master(cfg.master)
+            # Workers must run the driver's interpreter, or they import a different pyspark/pandas.
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+            builder = builder.config("spark.ui.enabled", "false")
+            conf = delta_conf(conf, cfg.shuffle_partitions)
         else:
             active = SparkSession.getActiveSession()
             if active is not None:
                 return active
-            builder = SparkSession.builder.remote(_start_sail())
+            if os.environ.get("PYSPARK_GATEWAY_PORT"):
+                # Under spark-submit: its JVM, master and --packages are in place; the session is ours to make.
+                builder = SparkSession.builder.appName(cfg.app_name)
+                conf = {k: v for k, v in delta_conf(conf, cfg.shuffle_partitions).items()
+                        if k != "spark.jars.packages"}
+            else:
+                builder = SparkSession.builder.remote(_start_sail())
         builder = builder.config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
-        for k, v in cfg.conf.items():
+        for k, v in conf.items():
             builder = builder.config(k, v)
         spark = builder.getOrCreate()
         _sessions[key] = spark

@@ -5,8 +5,9 @@
     v = tables.snapshot("prompts")          # current Delta version, pinned by later stages
     df = tables.read("prompts", version=v)  # exactly that version (VERSION AS OF)
 
-Writes are ``MERGE INTO`` on each table's key, so any stage can be re-run without doubling rows. Table
-history comes from delta-rs (``deltalake``) because Sail has no ``DESCRIBE HISTORY``.
+Writes are ``MERGE INTO`` on each table's key, so any stage can be re-run without doubling rows. The same code
+serves Sail (history and versions through delta-rs, ``deltalake``, since Sail has no ``DESCRIBE HISTORY``),
+delta-spark on JVM Spark and Databricks (``DESCRIBE HISTORY``), by path or, with a catalog, by name.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import random
 import sys
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from tao_spark.config import is_namespace
 
 if TYPE_CHECKING:  # types only: SCHEMAS and columns serve the workers, which may run where pyspark is absent
     from pyspark.sql import DataFrame, SparkSession
@@ -91,8 +95,46 @@ KEYS: dict[str, tuple[str, ...]] = {
     "feedback": ("request_id",),
 }
 
-# Messages a Delta commit conflict carries, across Sail, delta-rs and delta-spark.
+# delta-spark's commit conflicts (ConcurrentAppendException and friends) all carry SQLSTATE 2D521; their error
+# classes and Java/Python class names are matched too, then, for Sail and delta-rs, which raise plain errors, the
+# message text.
+_CONFLICT_SQLSTATE = "2D521"
+_CONFLICT_CLASSES = ("DELTA_CONCURRENT_", "DELTA_METADATA_CHANGED", "DELTA_PROTOCOL_CHANGED")
+_CONFLICT_TYPES = {"ConcurrentAppendException", "ConcurrentDeleteReadException", "ConcurrentDeleteDeleteException",
+                   "ConcurrentTransactionException", "ConcurrentWriteException", "MetadataChangedException",
+                   "ProtocolChangedException", "DeltaConcurrentModificationException"}
 _CONFLICT_MARKERS = ("conflict", "concurrent", "already exists", "commit failed", "failed to commit")
+def is_conflict(e: BaseException) -> bool:
+    """Whether ``e`` is a Delta commit conflict with a concurrent writer (worth retrying)."""
+    for get in ("getSqlState", "getCondition"):
+        try:
+            value = getattr(e, get)() if hasattr(e, get) else None
+        except Exception:  # a captured error without the field
+            value = None
+        if value and (value == _CONFLICT_SQLSTATE or str(value).startswith(_CONFLICT_CLASSES)):
+            return True
+    names = {t.__name__ for t in type(e).__mro__}
+    if names & _CONFLICT_TYPES or any(f".{n}" in str(e) for n in _CONFLICT_TYPES):
+        return True
+    return any(m in str(e).lower() for m in _CONFLICT_MARKERS)
+
+
+def is_jvm_spark(spark: SparkSession) -> bool:
+    """JVM Spark with delta-spark (classic, a Spark Connect server, Databricks) rather than Sail.
+
+    Both answer Spark Connect; ``version()`` tells them apart: Spark's starts with its own version, Sail's is
+    Sail's version.
+    """
+    if type(spark).__module__ == "pyspark.sql.session":
+        return True
+    known = _engines.get(spark)
+    if known is None:
+        version = spark.sql("SELECT version()").first()[0]
+        known = _engines[spark] = str(version).split(" ")[0] == spark.version
+    return known
+
+
+_engines: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def columns(name: str) -> list[str]:
@@ -114,59 +156,106 @@ class TableNotFound(LookupError):
 
 
 class Tables:
-    """Named Delta tables under one lakehouse root."""
+    """Named Delta tables under one lakehouse: a folder (``/data/lake``, ``s3://…``) or a catalog namespace.
+
+    Path mode (the default, and the only mode on Sail) addresses a table as ``delta.`<root>/<name>```. With
+    ``root`` a namespace (``tao``, ``main.tao``) every table is a managed Delta table of that catalog, created
+    with its schema by name and visible to any other session of the catalog (Unity Catalog on Databricks, a
+    Hive metastore elsewhere).
+    """
 
     def __init__(self, spark: SparkSession, root: str) -> None:
         self.spark = spark
         self.root = root.rstrip("/")
-        if "://" not in self.root:
+        self.namespace = self.root if is_namespace(self.root) else None
+        self.jvm = is_jvm_spark(spark)
+        if self.namespace:
+            if not self.jvm:
+                raise ValueError(f"lakehouse {root!r} is a catalog namespace, but the embedded engine (Sail) keeps "
+                                 "tables by path: give lakehouse a folder, or use JVM Spark with a catalog "
+                                 "(spark.master or spark.remote)")
+            spark.sql(f"CREATE SCHEMA IF NOT EXISTS {_quote(self.namespace)}").collect()
+        elif "://" not in self.root and not self.root.startswith("dbfs:"):
             Path(self.root).mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str) -> str:
+        """Where ``name`` lives: its folder in path mode, its three-part name in catalog mode."""
         if name not in SCHEMAS:
             raise KeyError(f"unknown table {name!r} (known: {', '.join(SCHEMAS)})")
-        return f"{self.root}/{name}"
+        return f"{self.namespace}.{name}" if self.namespace else f"{self.root}/{name}"
 
     def ref(self, name: str) -> str:
-        """The SQL name of a table: ``delta.`<path>```, valid in MERGE, SELECT and VERSION AS OF."""
-        return f"delta.`{self.path(name)}`"
+        """The SQL name of a table, valid in MERGE, SELECT and VERSION AS OF."""
+        return _quote(self.path(name)) if self.namespace else f"delta.`{self.path(name)}`"
+
+    def lineage(self, name: str) -> dict[str, str]:
+        """Keyword arguments of MLflow's ``DeltaDatasetSource`` that name this table."""
+        return {"delta_table_name": self.path(name)} if self.namespace else {"path": self.path(name)}
+
+    def _local(self) -> bool:
+        return self.namespace is None and "://" not in self.root and not self.root.startswith("dbfs:")
 
     def exists(self, name: str) -> bool:
-        from deltalake import DeltaTable
+        if self.namespace:
+            return bool(self.spark.catalog.tableExists(self.path(name)))
+        if self._local():  # no Spark job: a folder with a Delta log
+            from deltalake import DeltaTable
 
-        return DeltaTable.is_deltatable(self.path(name))
+            return DeltaTable.is_deltatable(self.path(name))
+        try:
+            return self.spark.sql(f"DESCRIBE DETAIL {self.ref(name)}").first()["format"] == "delta"
+        except Exception:  # not there, or not Delta
+            return False
 
     def ensure(self, name: str) -> None:
         """Create ``name`` empty with its schema if it does not exist; safe when two writers race."""
         if self.exists(name):
             return
         try:
-            self.spark.createDataFrame([], SCHEMAS[name]).write.format("delta").save(self.path(name))
+            if self.namespace:
+                self.spark.sql(f"CREATE TABLE IF NOT EXISTS {self.ref(name)} ({SCHEMAS[name]}) USING DELTA").collect()
+            else:
+                self.spark.createDataFrame([], SCHEMAS[name]).write.format("delta").save(self.path(name))
         except Exception:
             if not self.exists(name):
                 raise
 
+    def _require(self, name: str) -> None:
+        if not self.exists(name):
+            raise TableNotFound(f"table {name!r} does not exist yet in {self.root}")
+
     def snapshot(self, name: str) -> int:
         """The current Delta version of ``name``: what a stage pins for lineage."""
+        self._require(name)
+        if self.jvm:
+            return int(self.spark.sql(f"DESCRIBE HISTORY {self.ref(name)} LIMIT 1").first()["version"])
         from deltalake import DeltaTable
 
-        if not self.exists(name):
-            raise TableNotFound(f"table {name!r} does not exist yet under {self.root}")
         return int(DeltaTable(self.path(name)).version())
 
     def read(self, name: str, version: int | None = None) -> DataFrame:
-        if not self.exists(name):
-            raise TableNotFound(f"table {name!r} does not exist yet under {self.root}")
+        self._require(name)
+        if self.namespace:
+            at = f" VERSION AS OF {int(version)}" if version is not None else ""
+            return self.spark.sql(f"SELECT * FROM {self.ref(name)}{at}")
         reader = self.spark.read.format("delta")
         if version is not None:
             reader = reader.option("versionAsOf", int(version))
         return reader.load(self.path(name))
 
     def history(self, name: str) -> list[dict[str, Any]]:
+        """Commits newest first, as delta-rs reports them (``timestamp`` in ms since the epoch)."""
+        self._require(name)
+        if self.jvm:
+            rows = self.spark.sql(f"DESCRIBE HISTORY {self.ref(name)}").collect()
+            out = []
+            for r in rows:
+                d = r.asDict(recursive=True)
+                d["timestamp"] = int(d["timestamp"].timestamp() * 1000)
+                out.append({k: v for k, v in d.items() if v is not None})
+            return out
         from deltalake import DeltaTable
 
-        if not self.exists(name):
-            raise TableNotFound(f"table {name!r} does not exist yet under {self.root}")
         return list(DeltaTable(self.path(name)).history())
 
     def merge(self, name: str, df: DataFrame, *, update: bool = False, retries: int = 8) -> int:
@@ -190,11 +279,12 @@ class Tables:
                     row = self.spark.sql(sql).collect()
                     return _written(row)
                 except Exception as e:
-                    if attempt == retries or not any(m in str(e).lower() for m in _CONFLICT_MARKERS):
+                    if attempt == retries or not is_conflict(e):
                         raise
                     # Jittered backoff so two racing writers do not collide again on the next version.
                     time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
-                    print(f"tao: {name}: commit conflict, retrying ({attempt + 1}/{retries})", file=sys.stderr)
+                    print(f"tao: {name}: commit conflict ({type(e).__name__}), retrying ({attempt + 1}/{retries})",
+                          file=sys.stderr)
             raise AssertionError("unreachable")
         finally:
             self.spark.catalog.dropTempView(view)
@@ -211,6 +301,10 @@ class Tables:
                 self.read(name).createOrReplaceTempView(name)
                 names.append(name)
         return names
+
+
+def _quote(dotted: str) -> str:
+    return ".".join(f"`{part}`" for part in dotted.split("."))
 
 
 def _written(rows: list[Any]) -> int:

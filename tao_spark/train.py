@@ -223,6 +223,8 @@ def train_worker(spec: dict[str, Any]) -> None:
         # torchrun sets OMP_NUM_THREADS=1 with several processes; give each process its share of the cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     out = Path(spec["out_dir"])
+    print(f"tao: train worker rank {os.environ.get('RANK', '0')}/{os.environ.get('WORLD_SIZE', '1')} in pid "
+          f"{os.getpid()} on {os.uname().nodename}", file=sys.stderr, flush=True)
     with open(spec["pairs_path"]) as f:
         dataset = Dataset.from_list([json.loads(line) for line in f])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])

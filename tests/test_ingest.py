@@ -343,15 +343,21 @@ def test_sql_injection_text_is_stored_verbatim(spark: SparkSession, tables: Tabl
 
 
 def test_two_cli_processes_at_once_lose_and_duplicate_nothing(tmp_path: Path) -> None:
+    two_ingesters_at_once(tmp_path, [])
+
+
+def two_ingesters_at_once(tmp_path: Path, overrides: list[str], timeout_s: int = 120) -> list[str]:
+    """Two ``tao ingest`` processes on one lakehouse at once: every row once. Returns their stderr."""
     n = 2500
     a = write(tmp_path / "a.jsonl", [jl({"prompt": f"prompt {i}"}) for i in range(0, n)])
     b = write(tmp_path / "b.jsonl", [jl({"prompt": f"prompt {i}"}) for i in range(n // 2, n + n // 2)])
     shared = write(tmp_path / "shared.jsonl", [jl({"prompt": f"shared {i}"}) for i in range(300)]
                    + [b"not json", jl({"prompt": ""})])
     env = {**os.environ, "TAO_HOME": str(tmp_path / "home"), "TAO_CONFIG": str(ROOT / "conf" / "local.yaml")}
-    procs = [subprocess.Popen([sys.executable, "-m", "tao_spark.cli", "ingest", str(f), str(shared), "--json"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for f in (a, b)]
-    outs = [p.communicate(timeout=120) for p in procs]
+    procs = [subprocess.Popen([sys.executable, "-m", "tao_spark.cli", "ingest", str(f), str(shared), "--json",
+                               *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for f in (a, b)]
+    outs = [p.communicate(timeout=timeout_s) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
     results = [json.loads(out) for out, _ in outs]
@@ -370,3 +376,4 @@ def test_two_cli_processes_at_once_lose_and_duplicate_nothing(tmp_path: Path) ->
         f"shared {i}" for i in range(300)}
     quarantine = DeltaTable(str(tmp_path / "home" / "lakehouse" / "quarantine")).to_pyarrow_table().to_pylist()
     assert sorted(q["line"] for q in quarantine) == [301, 302]
+    return [err for _, err in outs]

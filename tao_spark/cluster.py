@@ -1,0 +1,234 @@
+"""A Spark standalone cluster on loopback: one master, two worker JVMs and (optionally) a Spark Connect server.
+
+    tao cluster start [--connect]   # prints the spark:// and sc:// URLs
+    tao round spark.master=spark://127.0.0.1:7077 train.local_mode=false train.num_processes=2
+    tao cluster stop                # stops every process it started, by PID
+
+The same processes a real cluster runs (``org.apache.spark.deploy.master.Master``, ``...worker.Worker``, each
+worker with its own work directory, executors in their own JVMs with their own Python workers), started from
+the Spark that the ``pyspark`` package ships. Everything lives under ``<home>/cluster``: ``state.json`` (PIDs,
+URLs), ``logs/``, ``worker-N/`` (each worker's work directory, where executors keep their stdout/stderr). The
+Connect server is an application of the cluster with delta-spark, its warehouse and Hive metastore under
+``home``: what Databricks Connect and serverless jobs look like to a client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MASTER_CLASS = "org.apache.spark.deploy.master.Master"
+WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
+CONNECT_CLASS = "org.apache.spark.sql.connect.service.SparkConnectServer"
+
+
+@dataclass
+class ClusterState:
+    """What ``start`` launched: enough for ``stop`` (and tests) to find every process again."""
+
+    master_url: str
+    master_ui: str
+    connect_url: str | None = None
+    pids: dict[str, int] = field(default_factory=dict)
+    work_dirs: list[str] = field(default_factory=list)
+
+
+def _dir(home: str) -> Path:
+    return Path(home) / "cluster"
+
+
+def _free_port(preferred: int = 0) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _spark_home() -> Path:
+    from pyspark.find_spark_home import _find_spark_home
+
+    return Path(_find_spark_home())
+
+
+def _env(home: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "SPARK_HOME": str(_spark_home()),
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "SPARK_LOG_DIR": str(_dir(home) / "logs"),
+        # Executors start Python workers with the driver's interpreter; this venv is the one that has tao_spark.
+        "PYSPARK_PYTHON": sys.executable,
+        "SPARK_DAEMON_MEMORY": "512m",
+    }
+
+
+def _launch(name: str, args: list[str], home: str, env: dict[str, str]) -> int:
+    log = _dir(home) / "logs" / f"{name}.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+    return proc.pid
+
+
+def _alive(pid: int, marker: str) -> bool:
+    """``pid`` still runs and is the process we started (not a reused PID)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+    return marker in cmdline
+
+
+def _markers(name: str) -> str:
+    return CONNECT_CLASS if name == "connect" else MASTER_CLASS if name == "master" else WORKER_CLASS
+
+
+def load_state(home: str) -> ClusterState | None:
+    path = _dir(home) / "state.json"
+    if not path.exists():
+        return None
+    return ClusterState(**json.loads(path.read_text()))
+
+
+def _wait(what: str, ok: Any, timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ok():
+            return
+        time.sleep(0.5)
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+    raise RuntimeError(f"{what} did not come up within {timeout_s:.0f} s; {log}:\n{tail}")
+
+
+def _alive_workers(ui_port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/json/", timeout=2) as r:
+            status = json.loads(r.read())
+    except (OSError, ValueError):
+        return 0
+    return sum(w.get("state") == "ALIVE" for w in status.get("workers", []))
+
+
+def start(home: str, *, workers: int = 2, cores: int = 2, memory: str = "3g", connect: bool = False,
+          connect_cores: int = 2, env: dict[str, str] | None = None, timeout_s: float = 180.0) -> ClusterState:
+    """Start a master and ``workers`` worker JVMs on loopback (plus a Spark Connect server); return their URLs.
+
+    Each worker offers ``cores`` task slots. Applications that set no ``spark.cores.max`` get two
+    (``spark.deploy.defaultCores``), so the Connect server and a driver can share the cluster. ``env`` is added
+    to every process's environment (executors inherit it: ``PYTHONPATH`` for modules their Python workers import).
+    """
+    existing = load_state(home)
+    if existing and any(_alive(pid, _markers(n)) for n, pid in existing.pids.items()):
+        raise RuntimeError(f"a cluster from {_dir(home)} is already running ({existing.master_url}); "
+                           "`tao cluster stop` first")
+    root = _dir(home)
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    env = {**_env(home), **(env or {})}
+    spark_class = str(_spark_home() / "bin" / "spark-class")
+    port, ui = _free_port(7077), _free_port(8080)
+    state = ClusterState(master_url=f"spark://127.0.0.1:{port}", master_ui=f"http://127.0.0.1:{ui}")
+    master_env = {**env, "SPARK_MASTER_OPTS": "-Dspark.deploy.defaultCores=2"}
+    t0 = time.perf_counter()
+    state.pids["master"] = _launch("master", [spark_class, MASTER_CLASS, "--host", "127.0.0.1", "--port", str(port),
+                                              "--webui-port", str(ui)], home, master_env)
+    _save(home, state)  # from here on, `stop` can clean up even if start fails
+    _wait("the Spark master", lambda: _port_open(port) and _port_open(ui), timeout_s, root / "logs" / "master.log")
+    for i in range(1, workers + 1):
+        work = root / f"worker-{i}"
+        work.mkdir(exist_ok=True)
+        state.work_dirs.append(str(work))
+        state.pids[f"worker-{i}"] = _launch(
+            f"worker-{i}", [spark_class, WORKER_CLASS, state.master_url, "--host", "127.0.0.1", "--cores", str(cores),
+                            "--memory", memory, "--work-dir", str(work), "--webui-port", str(_free_port())],
+            home, env)
+        _save(home, state)
+    _wait(f"{workers} Spark workers", lambda: _alive_workers(ui) >= workers, timeout_s, root / "logs" / "worker-1.log")
+    if connect:
+        state.connect_url, state.pids["connect"] = _start_connect(home, state.master_url, connect_cores, env,
+                                                                  timeout_s)
+        _save(home, state)
+    print(f"tao: cluster up in {time.perf_counter() - t0:.1f} s: {state.master_url} (UI {state.master_ui})"
+          + (f", Spark Connect {state.connect_url}" if state.connect_url else ""), file=sys.stderr)
+    return state
+
+
+def _start_connect(home: str, master_url: str, cores: int, env: dict[str, str], timeout_s: float) -> tuple[str, int]:
+    from tao_spark.config import local_catalog_conf
+    from tao_spark.session import delta_conf
+
+    port = _free_port(15002)
+    conf = {
+        **delta_conf({}, 2),
+        **local_catalog_conf(home, catalog=True),
+        "spark.connect.grpc.binding.address": "127.0.0.1",
+        "spark.connect.grpc.binding.port": str(port),
+        "spark.cores.max": str(cores),
+        "spark.executor.cores": "1",
+        "spark.executor.memory": "1g",
+        "spark.ui.enabled": "false",
+        "spark.sql.shuffle.partitions": "2",
+    }
+    packages = conf.pop("spark.jars.packages")
+    args = [str(_spark_home() / "bin" / "spark-submit"), "--master", master_url, "--class", CONNECT_CLASS,
+            "--name", "tao-spark-connect", "--packages", packages]
+    for k, v in conf.items():
+        args += ["--conf", f"{k}={v}"]
+    args.append("spark-internal")
+    pid = _launch("connect", args, home, env)
+    _wait("the Spark Connect server", lambda: _port_open(port), timeout_s, _dir(home) / "logs" / "connect.log")
+    return f"sc://127.0.0.1:{port}", pid
+
+
+def _save(home: str, state: ClusterState) -> None:
+    (_dir(home) / "state.json").write_text(json.dumps(asdict(state), indent=1))
+
+
+def stop(home: str, timeout_s: float = 30.0) -> list[str]:
+    """Stop every process ``start`` launched (Connect server, workers, master), by PID; return their names."""
+    state = load_state(home)
+    if state is None:
+        return []
+    stopped = []
+    for name, pid in reversed(list(state.pids.items())):
+        if not _alive(pid, _markers(name)):
+            continue
+        # Each was started in its own session: the group holds its executors and Python workers too.
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and _alive(pid, _markers(name)):
+                time.sleep(0.2)
+            if not _alive(pid, _markers(name)):
+                break
+        stopped.append(name)
+    (_dir(home) / "state.json").unlink(missing_ok=True)
+    return stopped
+
+
+def status(home: str) -> dict[str, Any]:
+    """The cluster's URLs and, per process, whether it still runs."""
+    state = load_state(home)
+    if state is None:
+        return {"running": False}
+    procs = {name: {"pid": pid, "alive": _alive(pid, _markers(name))} for name, pid in state.pids.items()}
+    return {"running": any(p["alive"] for p in procs.values()), **asdict(state), "processes": procs}

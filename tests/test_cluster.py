@@ -1,0 +1,315 @@
+"""The cluster path: whole TAO rounds on a Spark standalone cluster (master + two worker JVMs) with delta-spark.
+
+    make test-cluster                                  # pytest -m cluster, in its own process
+    .venv/bin/pytest tests/test_cluster.py -m cluster -k kill
+
+The cluster is the one ``tao cluster start --connect`` brings up, on loopback: executors are JVMs of their own
+with their own Python workers, so generation, scoring and training run in processes other than the driver, and
+every file a stage hands to another goes through the shared ``home``. The driver here is a classic JVM session
+(``spark.master=spark://…``); the catalog test drives the Spark Connect server through the ``tao`` CLI in
+subprocesses, since one Python process cannot hold a classic and a Connect session at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tao_spark import cluster, loop
+from tao_spark.config import Config, load_config
+from tao_spark.data import SAMPLE_PROMPTS
+from tao_spark.ingest import ingest
+from tao_spark.tables import KEYS, Tables
+from tests.test_ingest import two_ingesters_at_once
+from tests.test_round import _config_file
+
+pytestmark = pytest.mark.cluster
+ROOT = Path(__file__).resolve().parent.parent
+LOAD = re.compile(r"tao: engine load (\S+) in pid (\d+) \(load (\d+) in this process\)")
+RANK = re.compile(r"tao: train worker rank (\d+)/(\d+) in pid (\d+)")
+
+
+@pytest.fixture(scope="module")
+def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[cluster.ClusterState, Path]]:
+    """Master, two workers and a Spark Connect server for the module; everything stopped by PID at the end."""
+    home = tmp_path_factory.mktemp("cluster")
+    # Executors import the tests' reward (tests.test_round:e_rate) from the checkout.
+    t0 = time.perf_counter()
+    state = cluster.start(str(home), connect=True, env={"PYTHONPATH": str(ROOT)})
+    print(f"cluster start: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    yield state, home
+    pids = dict(state.pids)
+    assert set(cluster.stop(str(home))) == set(pids)
+    assert not any(Path(f"/proc/{pid}").exists() and cluster._alive(pid, cluster._markers(n))
+                   for n, pid in pids.items())
+
+
+@pytest.fixture(scope="module")
+def driver(local_cluster: tuple[cluster.ClusterState, Path]) -> Iterator[Any]:
+    """A classic JVM driver on the cluster (its executors: two 1-core JVMs, one per worker)."""
+    if os.environ.get("SPARK_CONNECT_MODE_ENABLED"):
+        pytest.skip("a Spark Connect session already lives in this process; run the tier alone: pytest -m cluster")
+    from tao_spark.session import get_spark
+
+    state, home = local_cluster
+    cfg = load_config(None, [f"home={home / 'driver'}", f"spark.master={state.master_url}"])
+    cfg.spark.conf.update({"spark.executor.cores": "1", "spark.cores.max": "2", "spark.executor.memory": "1g",
+                           "spark.sql.shuffle.partitions": "2"})
+    spark = get_spark(cfg.spark)
+    assert type(spark).__module__ == "pyspark.sql.session"
+    yield spark
+    spark.stop()
+
+
+def _cfg(tmp: Path, master: str, home: Path, extra: list[str] = ()) -> Config:
+    return load_config(_config_file(tmp), [
+        f"home={home}", f"model.path={tiny_path(tmp)}", f"spark.master={master}", "generate.n=3",
+        "generate.max_new_tokens=12", "generate.max_prompts=10", "generate.batch_size=4", "generate.temperature=1.0",
+        "evaluate.max_prompts=6", "evaluate.max_new_tokens=12", "evaluate.bootstrap=200", "select.min_margin=0.0",
+        "train.trl.max_steps=3", "train.trl.per_device_train_batch_size=2", "train.trl.learning_rate=0.001",
+        "mlflow.experiment=cluster", "train.local_mode=false", "train.num_processes=2", "gate.min_win_rate_low=0.0",
+        "gate.max_task_drop=1.0", "gate.max_forgetting=1.0", "loop.forgetting_prompts=4", *extra,
+    ])
+
+
+_tiny: dict[str, Path] = {}
+
+
+def tiny_path(tmp: Path) -> Path:
+    """The tiny model, written once per module under a path every worker can read (the shared disk)."""
+    if "path" not in _tiny:
+        from tests.tiny import make_tiny_model
+
+        _tiny["path"] = make_tiny_model(tmp.parent / "tiny-model-cluster")
+    return _tiny["path"]
+
+
+def _slice(tmp: Path, name: str, lo: int, hi: int) -> Path:
+    out = tmp / name
+    out.write_text("\n".join(SAMPLE_PROMPTS.read_text().splitlines()[lo:hi]) + "\n")
+    return out
+
+
+def _executor_logs(state: cluster.ClusterState, app_id: str) -> str:
+    """stdout and stderr of this application's executors, from every worker's work directory."""
+    text = []
+    for work in state.work_dirs:
+        for f in sorted(Path(work, app_id).glob("*/std*")):
+            text.append(f.read_text(errors="replace"))
+    return "\n".join(text)
+
+
+def _no_duplicate_keys(tables: Tables) -> None:
+    from pyspark.sql import functions as F
+
+    for name, key in KEYS.items():
+        if tables.exists(name):
+            df = tables.read(name)
+            assert df.groupBy(*key).count().where(F.col("count") > 1).count() == 0, name
+
+
+def test_two_rounds_on_the_cluster(driver: Any, local_cluster: tuple[cluster.ClusterState, Path],
+                                   tmp_path: Path) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+    from pyspark.sql import functions as F
+
+    state, _ = local_cluster
+    cfg = _cfg(tmp_path, state.master_url, tmp_path / "home")
+    tables = Tables(driver, cfg.lakehouse)
+    assert tables.jvm and tables.namespace is None
+    ingest(driver, tables, [_slice(tmp_path, "a.jsonl", 0, 60)], cfg.ingest)
+    t0 = time.perf_counter()
+    rnd = loop.run_round(tables, cfg)
+    print(f"cluster round: {time.perf_counter() - t0:.1f} s; stages "
+          f"{ {s: round(rnd.metrics[f'time_{s}_s'], 1) for s in loop.STAGES} }", file=sys.stderr)
+
+    # The same contract as the round on Sail.
+    assert rnd.status == "done" and rnd.n_train == 10 and rnd.n_holdout == 6
+    cands = tables.read("candidates").where(F.col("purpose") == "train")
+    assert cands.count() == 30 and cands.select("prompt_id", "candidate_idx").distinct().count() == 30
+    names = {r.name for r in cfg.score.rewards} | {"combined"}
+    assert tables.read("scores").where(F.col("purpose") == "train").count() == 30 * len(names)
+    prefs = tables.read("preferences").collect()
+    assert len(prefs) == rnd.metrics["pairs"] > 0 and all(p.chosen_score > p.rejected_score for p in prefs)
+    assert tables.read("evaluations").count() == 6
+    _no_duplicate_keys(tables)
+    history = tables.history("candidates")  # DESCRIBE HISTORY on delta-spark, newest first
+    assert [h["version"] for h in history] == list(range(len(history) - 1, -1, -1))
+    assert history[0]["operation"] == "MERGE" and history[-1]["operation"] in ("WRITE", "CREATE TABLE")
+
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    client = MlflowClient()
+    run = client.get_run(rnd.mlflow_run_id)
+    assert run.data.tags["tao.prompts_version"] == str(rnd.prompts_version)
+    (ds,) = run.inputs.dataset_inputs
+    assert json.loads(ds.dataset.source)["delta_table_version"] == rnd.prompts_version
+    assert str(client.get_model_version_by_alias(cfg.mlflow.model_name, "challenger").version) == rnd.model_version
+
+    # Generation and scoring ran in the executors' Python workers, one engine load each; training ran as two
+    # barrier tasks there too, never in the driver.
+    logs = _executor_logs(state, driver.sparkContext.applicationId)
+    loads = [(m[1], int(m[2]), int(m[3])) for m in LOAD.finditer(logs)]
+    assert loads, "no engine load in the executors' logs"
+    assert all(pid != os.getpid() for _, pid, _ in loads)
+    per_worker: dict[tuple[str, int], int] = {}
+    for key, pid, n in loads:
+        per_worker[(key, pid)] = max(n, per_worker.get((key, pid), 0))
+    assert set(per_worker.values()) == {1}, per_worker
+    ranks = {(int(m[1]), int(m[2])) for m in RANK.finditer(logs)}
+    assert ranks == {(0, 2), (1, 2)}, ranks
+    assert (Path(rnd.tuned_model) / "config.json").exists()  # written by rank 0 on a worker, read by the driver
+
+    # A second round with 10% new prompts, as `tao loop --once` runs it: earlier candidates reused.
+    if not rnd.promoted:
+        pytest.skip(f"round 1 was not promoted ({rnd.gate_reason}); the second round needs a champion")
+    ingest(driver, tables, [_slice(tmp_path, "b.jsonl", 60, 66)], cfg.ingest)
+    cfg2 = _cfg(tmp_path, state.master_url, tmp_path / "home", ["generate.max_prompts=0"])
+    (r2,) = loop.run_loop(tables, cfg2, rounds=1)
+    assert r2.status == "done" and r2.new_prompts == 6 and r2.previous_version == rnd.prompts_version
+    assert r2.baseline_model.endswith("@champion") and r2.reused_candidates == 30
+    assert r2.new_candidates == (r2.n_train - 10) * 3
+    assert tables.read("rounds").count() == 2 and tables.read("locks").count() == 0
+    _no_duplicate_keys(tables)
+
+
+def _python_workers(app_id: str) -> list[int]:
+    """PIDs of the Python workers forked by this application's executors (children of ``pyspark.daemon``)."""
+    procs: dict[int, tuple[int, str]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            procs[int(p.name)] = (ppid, cmd)
+
+    def under_app(pid: int) -> bool:
+        while pid > 1 and pid in procs:
+            ppid, cmd = procs[pid]
+            if "CoarseGrainedExecutorBackend" in cmd:
+                return app_id in cmd
+            pid = ppid
+        return False
+
+    return [pid for pid, (ppid, cmd) in procs.items()
+            if "pyspark.daemon" in cmd and "pyspark.daemon" in procs.get(ppid, (0, ""))[1] and under_app(pid)]
+
+
+def test_killed_python_worker_is_retried_with_exact_counts(driver: Any, local_cluster: tuple[cluster.ClusterState,
+                                                                                                Path],
+                                                          tmp_path: Path) -> None:
+    from pyspark.sql import functions as F
+
+    state, _ = local_cluster
+    cfg = _cfg(tmp_path, state.master_url, tmp_path / "home", ["generate.max_new_tokens=40", "generate.batch_size=1"])
+    tables = Tables(driver, cfg.lakehouse)
+    ingest(driver, tables, [_slice(tmp_path, "a.jsonl", 0, 60)], cfg.ingest)
+    app = driver.sparkContext.applicationId
+    before = {pid for _, pid, _ in ((m[1], int(m[2]), m[3]) for m in LOAD.finditer(_executor_logs(state, app)))}
+    rnd = loop.start(tables, cfg)
+    done: dict[str, Any] = {}
+
+    def generate() -> None:
+        try:
+            done["round"] = loop.run_stage(tables, rnd, "generate", cfg)
+        except BaseException as e:  # surfaced below
+            done["error"] = e
+
+    worker = threading.Thread(target=generate)
+    worker.start()
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and worker.is_alive() and time.monotonic() < deadline:
+        # A worker that just loaded its engine for this round is busy generating: kill it mid-task.
+        for m in LOAD.finditer(_executor_logs(state, app)):
+            pid = int(m[2])
+            if pid not in before and m[1].endswith(f"{tiny_path(tmp_path)}:float32") and pid in _python_workers(app):
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+                break
+        time.sleep(0.2)
+    worker.join(timeout=600)
+    assert killed is not None, "generate finished before a busy Python worker could be killed"
+    assert "error" not in done, done.get("error")
+    cands = tables.read("candidates").where((F.col("round_id") == rnd.round_id) & (F.col("purpose") == "train"))
+    assert cands.count() == 30 and cands.select("prompt_id", "candidate_idx").distinct().count() == 30
+    _no_duplicate_keys(tables)
+    # The retried task ran in a fresh worker, which loaded the engine once.
+    later = {int(m[2]) for m in LOAD.finditer(_executor_logs(state, app))} - before - {killed}
+    assert later
+
+
+def test_two_ingesters_on_delta_spark(tmp_path: Path) -> None:
+    # Each its own local[1] JVM driver with delta-spark: the commit-conflict path of the JVM.
+    errs = two_ingesters_at_once(tmp_path, ["spark.master=local[1]"], timeout_s=300)
+    print("conflicts retried:", sum(e.count("commit conflict") for e in errs), file=sys.stderr)
+
+
+def _tao(args: list[str], home: Path, conf: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TAO_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "tao_spark.cli", "--config", str(conf), *args], env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_catalog_tables_by_name_over_spark_connect(local_cluster: tuple[cluster.ClusterState, Path],
+                                                   tmp_path: Path) -> None:
+    """ingest → round over the JVM Spark Connect server, lakehouse a catalog namespace; read by name elsewhere."""
+    state, _ = local_cluster
+    home = tmp_path / "home"
+    conf = tmp_path / "conf.yaml"
+    data = yaml.safe_load(_config_file(tmp_path).read_text())
+    conf.write_text(yaml.safe_dump(data))
+    over = [f"spark.remote={state.connect_url}", "lakehouse=tao_test", f"model.path={tiny_path(tmp_path)}",
+            "generate.n=3", "generate.max_new_tokens=8", "generate.max_prompts=8", "generate.batch_size=4",
+            "generate.temperature=1.0", "evaluate.max_prompts=4", "evaluate.max_new_tokens=8",
+            "evaluate.bootstrap=100", "select.min_margin=0.0", "train.trl.max_steps=2",
+            "train.trl.per_device_train_batch_size=2", "mlflow.experiment=connect", "train.local_mode=false",
+            "train.num_processes=2", "gate.min_win_rate_low=0.0", "gate.max_task_drop=1.0"]
+    r = _tao(["ingest", str(_slice(tmp_path, "a.jsonl", 0, 50)), "--json", *over], home, conf)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = json.loads(r.stdout.strip().splitlines()[-1])
+    assert first["accepted"] == 50
+    r = _tao(["round", "--json", *over], home, conf)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    # A second Spark session (another process, another Connect session) sees the tables by name.
+    def sql(q: str) -> list[dict[str, Any]]:
+        out = _tao(["sql", q, "--json", *over], home, conf)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert sql("SELECT count(*) AS n FROM tao_test.prompts") == [{"n": 50}]
+    assert sql("SELECT count(*) AS n FROM tao_test.candidates WHERE purpose = 'train'") == [{"n": 8 * 3}]
+    (rnd,) = sql("SELECT round_id, status, prompts_version, mlflow_run_id FROM tao_test.rounds")
+    assert rnd["status"] == "done"
+    tables = sql("SHOW TABLES IN tao_test")
+    assert {"prompts", "candidates", "scores", "preferences", "evaluations", "rounds"} <= {t["tableName"]
+                                                                                            for t in tables}
+    # A later append, then VERSION AS OF by name still reads the snapshot the round pinned.
+    r = _tao(["ingest", str(_slice(tmp_path, "b.jsonl", 50, 60)), "--json", *over], home, conf)
+    assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["accepted"] == 10
+    v = rnd["prompts_version"]
+    assert sql(f"SELECT count(*) AS n FROM tao_test.prompts VERSION AS OF {v}") == [{"n": 50}]
+    assert sql("SELECT count(*) AS n FROM tao_test.prompts") == [{"n": 60}]
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
+    (ds,) = MlflowClient().get_run(rnd["mlflow_run_id"]).inputs.dataset_inputs
+    source = json.loads(ds.dataset.source)
+    assert source["delta_table_name"] == "tao_test.prompts" and source["delta_table_version"] == v
