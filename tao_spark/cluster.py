@@ -127,12 +127,12 @@ def _alive_workers(ui_port: int) -> int:
 
 
 def start(home: str, *, workers: int = 2, cores: int = 2, memory: str = "3g", connect: bool = False,
-          connect_cores: int = 2, env: dict[str, str] | None = None, timeout_s: float = 180.0) -> ClusterState:
+          connect_cores: int = 2, timeout_s: float = 180.0) -> ClusterState:
     """Start a master and ``workers`` worker JVMs on loopback (plus a Spark Connect server); return their URLs.
 
     Each worker offers ``cores`` task slots. Applications that set no ``spark.cores.max`` get two
-    (``spark.deploy.defaultCores``), so the Connect server and a driver can share the cluster. ``env`` is added
-    to every process's environment (executors inherit it: ``PYTHONPATH`` for modules their Python workers import).
+    (``spark.deploy.defaultCores``), so the Connect server and a driver can share the cluster. Every process
+    inherits this one's environment (executors too: ``PYTHONPATH`` reaches their Python workers).
     """
     existing = load_state(home)
     if existing and any(_alive(pid, _markers(n)) for n, pid in existing.pids.items()):
@@ -140,7 +140,7 @@ def start(home: str, *, workers: int = 2, cores: int = 2, memory: str = "3g", co
                            "`tao cluster stop` first")
     root = _dir(home)
     (root / "logs").mkdir(parents=True, exist_ok=True)
-    env = {**_env(home), **(env or {})}
+    env = _env(home)
     spark_class = str(_spark_home() / "bin" / "spark-class")
     port, ui = _free_port(7077), _free_port(8080)
     state = ClusterState(master_url=f"spark://127.0.0.1:{port}", master_ui=f"http://127.0.0.1:{ui}")

@@ -129,7 +129,7 @@ def is_jvm_spark(spark: SparkSession) -> bool:
         return True
     known = _engines.get(spark)
     if known is None:
-        version = spark.sql("SELECT version()").first()[0]
+        version = spark.sql("SELECT version()").collect()[0][0]
         known = _engines[spark] = str(version).split(" ")[0] == spark.version
     return known
 
@@ -203,7 +203,7 @@ class Tables:
 
             return DeltaTable.is_deltatable(self.path(name))
         try:
-            return self.spark.sql(f"DESCRIBE DETAIL {self.ref(name)}").first()["format"] == "delta"
+            return self.spark.sql(f"DESCRIBE DETAIL {self.ref(name)}").collect()[0]["format"] == "delta"
         except Exception:  # not there, or not Delta
             return False
 
@@ -228,7 +228,7 @@ class Tables:
         """The current Delta version of ``name``: what a stage pins for lineage."""
         self._require(name)
         if self.jvm:
-            return int(self.spark.sql(f"DESCRIBE HISTORY {self.ref(name)} LIMIT 1").first()["version"])
+            return int(self.spark.sql(f"DESCRIBE HISTORY {self.ref(name)} LIMIT 1").collect()[0]["version"])
         from deltalake import DeltaTable
 
         return int(DeltaTable(self.path(name)).version())

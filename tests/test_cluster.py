@@ -45,15 +45,22 @@ RANK = re.compile(r"tao: train worker rank (\d+)/(\d+) in pid (\d+)")
 def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[cluster.ClusterState, Path]]:
     """Master, two workers and a Spark Connect server for the module; everything stopped by PID at the end."""
     home = tmp_path_factory.mktemp("cluster")
-    # Executors import the tests' reward (tests.test_round:e_rate) from the checkout.
+    # Executors inherit the environment: PYTHONPATH lets them import the tests' reward (tests.test_round:e_rate).
+    env = {**os.environ, "TAO_HOME": str(home), "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
-    state = cluster.start(str(home), connect=True, env={"PYTHONPATH": str(ROOT)})
+    r = subprocess.run([sys.executable, "-m", "tao_spark.cli", "cluster", "start", "--connect", "--json"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
     print(f"cluster start: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    yield state, home
-    pids = dict(state.pids)
-    assert set(cluster.stop(str(home))) == set(pids)
-    assert not any(Path(f"/proc/{pid}").exists() and cluster._alive(pid, cluster._markers(n))
-                   for n, pid in pids.items())
+    state = cluster.ClusterState(**json.loads(r.stdout))
+    assert set(state.pids) == {"master", "worker-1", "worker-2", "connect"}
+    try:
+        yield state, home
+    finally:
+        r = subprocess.run([sys.executable, "-m", "tao_spark.cli", "cluster", "stop", "--json"], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert set(json.loads(r.stdout)["stopped"]) == set(state.pids)
+        assert not any(cluster._alive(pid, cluster._markers(n)) for n, pid in state.pids.items())
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +83,7 @@ def driver(local_cluster: tuple[cluster.ClusterState, Path]) -> Iterator[Any]:
 def _cfg(tmp: Path, master: str, home: Path, extra: list[str] = ()) -> Config:
     return load_config(_config_file(tmp), [
         f"home={home}", f"model.path={tiny_path(tmp)}", f"spark.master={master}", "generate.n=3",
-        "generate.max_new_tokens=12", "generate.max_prompts=10", "generate.batch_size=4", "generate.temperature=1.0",
+        "generate.max_new_tokens=12", "generate.max_prompts=0", "generate.batch_size=12", "generate.temperature=1.0",
         "evaluate.max_prompts=6", "evaluate.max_new_tokens=12", "evaluate.bootstrap=200", "select.min_margin=0.0",
         "train.trl.max_steps=3", "train.trl.per_device_train_batch_size=2", "train.trl.learning_rate=0.001",
         "mlflow.experiment=cluster", "train.local_mode=false", "train.num_processes=2", "gate.min_win_rate_low=0.0",
@@ -100,6 +107,29 @@ def _slice(tmp: Path, name: str, lo: int, hi: int) -> Path:
     out = tmp / name
     out.write_text("\n".join(SAMPLE_PROMPTS.read_text().splitlines()[lo:hi]) + "\n")
     return out
+
+
+def test_spark_submit_runs_a_job_entry_on_the_cluster(local_cluster: tuple[cluster.ClusterState, Path],
+                                                        tmp_path: Path) -> None:
+    """``spark-submit --master spark://… --packages <delta> jobs/tao_ingest.py`` uses spark-submit's session."""
+    from tao_spark.session import delta_package
+
+    state, _ = local_cluster
+    spark_submit = Path(sys.executable).parent / "spark-submit"
+    env = {**os.environ, "TAO_HOME": str(tmp_path / "home"), "PYSPARK_PYTHON": sys.executable,
+           "PYSPARK_DRIVER_PYTHON": sys.executable}
+    r = subprocess.run([str(spark_submit), "--master", state.master_url, "--packages", delta_package(),
+                        "--conf", "spark.cores.max=2", "--conf", "spark.executor.cores=1",
+                        str(ROOT / "jobs" / "tao_ingest.py"), str(_slice(tmp_path, "a.jsonl", 0, 40)), "--json"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["accepted"] == 40 and out["prompts_version"] >= 1
+    from deltalake import DeltaTable  # written by delta-spark through the cluster, read by delta-rs
+
+    table = DeltaTable(str(tmp_path / "home" / "lakehouse" / "prompts"))
+    assert len(table.to_pyarrow_table()) == 40
+    assert "Apache-Spark" in str(table.history(1)[0].get("engineInfo", ""))
 
 
 def _executor_logs(state: cluster.ClusterState, app_id: str) -> str:
@@ -130,21 +160,22 @@ def test_two_rounds_on_the_cluster(driver: Any, local_cluster: tuple[cluster.Clu
     cfg = _cfg(tmp_path, state.master_url, tmp_path / "home")
     tables = Tables(driver, cfg.lakehouse)
     assert tables.jvm and tables.namespace is None
-    ingest(driver, tables, [_slice(tmp_path, "a.jsonl", 0, 60)], cfg.ingest)
+    ingest(driver, tables, [_slice(tmp_path, "a.jsonl", 0, 20)], cfg.ingest)
     t0 = time.perf_counter()
     rnd = loop.run_round(tables, cfg)
     print(f"cluster round: {time.perf_counter() - t0:.1f} s; stages "
           f"{ {s: round(rnd.metrics[f'time_{s}_s'], 1) for s in loop.STAGES} }", file=sys.stderr)
 
     # The same contract as the round on Sail.
-    assert rnd.status == "done" and rnd.n_train == 10 and rnd.n_holdout == 6
+    n = rnd.n_train * 3
+    assert rnd.status == "done" and rnd.n_train + rnd.n_holdout == 20 and rnd.n_train >= 10
     cands = tables.read("candidates").where(F.col("purpose") == "train")
-    assert cands.count() == 30 and cands.select("prompt_id", "candidate_idx").distinct().count() == 30
+    assert cands.count() == n and cands.select("prompt_id", "candidate_idx").distinct().count() == n
     names = {r.name for r in cfg.score.rewards} | {"combined"}
-    assert tables.read("scores").where(F.col("purpose") == "train").count() == 30 * len(names)
+    assert tables.read("scores").where(F.col("purpose") == "train").count() == n * len(names)
     prefs = tables.read("preferences").collect()
     assert len(prefs) == rnd.metrics["pairs"] > 0 and all(p.chosen_score > p.rejected_score for p in prefs)
-    assert tables.read("evaluations").count() == 6
+    assert tables.read("evaluations").count() == rnd.n_holdout
     _no_duplicate_keys(tables)
     history = tables.history("candidates")  # DESCRIBE HISTORY on delta-spark, newest first
     assert [h["version"] for h in history] == list(range(len(history) - 1, -1, -1))
@@ -175,12 +206,11 @@ def test_two_rounds_on_the_cluster(driver: Any, local_cluster: tuple[cluster.Clu
     # A second round with 10% new prompts, as `tao loop --once` runs it: earlier candidates reused.
     if not rnd.promoted:
         pytest.skip(f"round 1 was not promoted ({rnd.gate_reason}); the second round needs a champion")
-    ingest(driver, tables, [_slice(tmp_path, "b.jsonl", 60, 66)], cfg.ingest)
-    cfg2 = _cfg(tmp_path, state.master_url, tmp_path / "home", ["generate.max_prompts=0"])
-    (r2,) = loop.run_loop(tables, cfg2, rounds=1)
-    assert r2.status == "done" and r2.new_prompts == 6 and r2.previous_version == rnd.prompts_version
-    assert r2.baseline_model.endswith("@champion") and r2.reused_candidates == 30
-    assert r2.new_candidates == (r2.n_train - 10) * 3
+    ingest(driver, tables, [_slice(tmp_path, "b.jsonl", 20, 22)], cfg.ingest)
+    (r2,) = loop.run_loop(tables, cfg, rounds=1)
+    assert r2.status == "done" and r2.new_prompts == 2 and r2.previous_version == rnd.prompts_version
+    assert r2.baseline_model.endswith("@champion") and r2.reused_candidates == n
+    assert r2.new_candidates == (r2.n_train - rnd.n_train) * 3
     assert tables.read("rounds").count() == 2 and tables.read("locks").count() == 0
     _no_duplicate_keys(tables)
 
@@ -215,7 +245,8 @@ def test_killed_python_worker_is_retried_with_exact_counts(driver: Any, local_cl
     from pyspark.sql import functions as F
 
     state, _ = local_cluster
-    cfg = _cfg(tmp_path, state.master_url, tmp_path / "home", ["generate.max_new_tokens=40", "generate.batch_size=1"])
+    cfg = _cfg(tmp_path, state.master_url, tmp_path / "home", ["generate.max_new_tokens=40", "generate.batch_size=1",
+                                                                 "generate.max_prompts=10"])
     tables = Tables(driver, cfg.lakehouse)
     ingest(driver, tables, [_slice(tmp_path, "a.jsonl", 0, 60)], cfg.ingest)
     app = driver.sparkContext.applicationId
