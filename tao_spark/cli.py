@@ -234,6 +234,20 @@ def _loop(a: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _status_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Rates and rewards to three decimals; the win rate with its 95% interval in one column."""
+    def f3(v: Any) -> str:
+        return "" if v is None or v != v else f"{float(v):.3f}"
+
+    out = {k: v for k, v in row.items() if k not in ("win_rate", "win_rate_low", "win_rate_high", "champion_reward",
+                                                      "challenger_reward", "forgetting")}
+    out["win_rate"] = (f"{f3(row.get('win_rate'))} [{f3(row.get('win_rate_low'))}, {f3(row.get('win_rate_high'))}]"
+                       if f3(row.get("win_rate")) else "")
+    out["reward"] = f"{f3(row.get('champion_reward'))} -> {f3(row.get('challenger_reward'))}"
+    out["forgetting"] = f3(row.get("forgetting"))
+    return out
+
+
 @command("status", "the history of rounds as a table, and a plot of it in the latest MLflow run")
 def _status(a: argparse.Namespace, cfg: Config) -> int:
     import mlflow
@@ -245,7 +259,7 @@ def _status(a: argparse.Namespace, cfg: Config) -> int:
     if frame.empty:
         print("no rounds yet: run `tao round`")
         return 0
-    print_table(frame.to_dict("records"), max_width=28)
+    print_table([_status_row(r) for r in frame.to_dict("records")], max_width=28)
     runs = [r for r in frame.round_id if r]
     latest = loop.load(tables, runs[-1])
     if latest.mlflow_run_id:
@@ -403,7 +417,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"tao: config error: {e}", file=sys.stderr)
         return 2
-    return COMMANDS[args.command][1](args, cfg)
+    from tao_spark.models import ModelNotFound
+
+    try:
+        return COMMANDS[args.command][1](args, cfg)
+    except ModelNotFound as e:
+        print(f"tao {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

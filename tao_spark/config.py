@@ -268,11 +268,22 @@ class LoopConfig:
         _check(self.lock_lease_s >= 60, "loop.lock_lease_s", "must be >= 60")
 
 
+# Unity Catalog's model names: three levels, each letters, digits and underscores (no hyphens).
+_UC_NAME = re.compile(r"[A-Za-z0-9_]+\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+")
+
+
 @dataclass
 class MlflowConfig:
     tracking_uri: str | None = _f(None, "None = sqlite:///$TAO_HOME/mlflow.db")
+    registry_uri: str | None = _f(None, "model registry (databricks-uc for Unity Catalog); None = the tracking URI")
     experiment: str = _f("tao", "experiment name")
-    model_name: str = _f("tao-policy", "registered model name")
+    model_name: str = _f("tao-policy", "registered model name; catalog.schema.model on Unity Catalog")
+
+    def __post_init__(self) -> None:
+        if self.registry_uri == "databricks-uc" or "." in self.model_name:
+            _check(_UC_NAME.fullmatch(self.model_name) is not None, "mlflow.model_name",
+                   f"Unity Catalog needs a three-level name catalog.schema.model of letters, digits and "
+                   f"underscores, got {self.model_name!r}")
 
 
 @dataclass
@@ -343,6 +354,10 @@ class Config:
     @property
     def tracking_uri(self) -> str:
         return self.mlflow.tracking_uri or f"sqlite:///{Path(self.home) / 'mlflow.db'}"
+
+    @property
+    def registry_uri(self) -> str:
+        return self.mlflow.registry_uri or self.tracking_uri
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

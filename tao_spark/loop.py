@@ -130,6 +130,7 @@ def start(tables: Tables, cfg: Config) -> Round | None:
         if done else version,
         new_prompts=count_new(tables, version, previous),
     )
+    rnd.mlflow_run_id = registry.open_run(cfg, rnd.round_id)
     save(tables, rnd, cfg)
     print(f"tao: round {rnd.round_id} on prompts@v{version} ({rnd.new_prompts} new), policy {rnd.base_model}, "
           f"baseline {rnd.baseline_model}", file=sys.stderr)
@@ -176,7 +177,7 @@ def forgetting_sample(tables: Tables, rnd: Round, cfg: Config) -> DataFrame:
 
 
 def _model(cfg: Config, uri: str) -> tuple[str, str, str]:
-    path = resolve_model(uri, cfg.home)
+    path = resolve_model(uri, cfg.home, cfg.tracking_uri, cfg.registry_uri)
     return uri, path, model_id(path)
 
 
@@ -241,6 +242,7 @@ def run_stage(tables: Tables, rnd: Round, stage: str, cfg: Config) -> Round:
         rnd.tuned_model = result.merged_dir or result.adapter_dir
         m.update({f"train_{k}": v for k, v in result.metrics.items()})
         m["train_loss_history"] = result.loss_history
+        m["train_curves"] = result.curves
     elif stage == "evaluate":
         if not rnd.tuned_model:
             raise RuntimeError(f"round {rnd.round_id}: train has not produced a model")
@@ -267,6 +269,8 @@ def run_stage(tables: Tables, rnd: Round, stage: str, cfg: Config) -> Round:
             tags={"tao.base_model": rnd.base_model, "tao.baseline_model": rnd.baseline_model,
                   "tao.policy_id": rnd.policy_id or ""},
             figures=_figures(ev_frame, m.get("eval_per_task", {})), run_id=rnd.mlflow_run_id,
+            curves={f"train.{k}": v for k, v in (m.get("train_curves") or {"loss": m.get("train_loss_history", [])}
+                                                 ).items()},
         )
         rnd.mlflow_run_id, rnd.model_version = reg.run_id, reg.model_version
         rnd.promoted, rnd.gate_reason = reg.decision.promote, reg.decision.reason
@@ -275,6 +279,8 @@ def run_stage(tables: Tables, rnd: Round, stage: str, cfg: Config) -> Round:
         raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
 
     m[f"time_{stage}_s"] = m.get(f"time_{stage}_s", 0.0) + time.perf_counter() - t0
+    if stage != "register":  # register logs everything itself, and has just ended the run
+        registry.log_stage(cfg, rnd.mlflow_run_id, {f"time_{stage}_s": m[f"time_{stage}_s"]})
     rnd.status = "done" if stage == STAGES[-1] else stage
     save(tables, rnd, cfg)
     return rnd
@@ -410,8 +416,8 @@ def history(tables: Tables) -> pd.DataFrame:
     metrics = [json.loads(m or "{}") for m in pdf.metrics]
     out = pdf[["round_id", "status", "prompts_version", "new_prompts", "reused_candidates", "new_candidates",
                "pairs", "promoted", "model_version"]].copy()
-    for key in ("eval_win_rate", "eval_win_rate_low", "eval_champion_reward", "eval_challenger_reward",
-                "forgetting"):
+    for key in ("eval_win_rate", "eval_win_rate_low", "eval_win_rate_high", "eval_champion_reward",
+                "eval_challenger_reward", "forgetting"):
         out[key.removeprefix("eval_")] = [m.get(key) for m in metrics]
     return out
 

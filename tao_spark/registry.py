@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ def setup(cfg: Config) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_registry_uri(cfg.registry_uri)
     exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
     if exp is None:
         location = None
@@ -65,6 +67,28 @@ def setup(cfg: Config) -> str:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def open_run(cfg: Config, round_id: str) -> str:
+    """Create the round's MLflow run (status RUNNING) when the round starts; stages log into it, register ends it,
+    so the run's duration is the round's."""
+    from mlflow import MlflowClient
+
+    exp_id = setup(cfg)
+    run = MlflowClient().create_run(exp_id, run_name=round_id, tags={"tao.round_id": round_id})
+    return str(run.info.run_id)
+
+
+def log_stage(cfg: Config, run_id: str | None, metrics: dict[str, float]) -> None:
+    """Metrics of a finished stage (its time, its counts) into the round's run, as the round goes."""
+    if not run_id:
+        return
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    setup(cfg)
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v == v])
 
 
 def champion_uri(cfg: Config) -> str | None:
@@ -100,6 +124,62 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+# What a registered artifact may hold: weights as safetensors, configs and tokenizers as JSON/YAML/text. Anything
+# else (the trainer's training_args.bin is a pickle) stays out: loading a pickle runs code.
+SAFE_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".yaml", ".yml", ".md", ".model")
+CHAT_EXAMPLE = {"messages": [{"role": "user", "content": "Say hello in one word."}]}
+CHAT_PARAMS = {"max_tokens": 256, "temperature": 0.0}
+
+
+def safe_copy(src: str, dst: Path) -> Path:
+    """Copy the files of ``src`` whose type is in ``SAFE_SUFFIXES`` into ``dst`` (same layout)."""
+    import shutil
+
+    root = Path(src)
+    for f in root.rglob("*"):
+        if f.is_file() and f.suffix in SAFE_SUFFIXES:
+            out = dst / f.relative_to(root)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, out)
+    return dst
+
+
+def chat_signature() -> Any:
+    """``{"messages": [{role, content}]}`` in, OpenAI-style chat completions out, ``max_tokens``/``temperature``."""
+    from mlflow.models import infer_signature
+
+    completion = {"id": "chatcmpl-0", "object": "chat.completion", "created": 0, "model": "tao-policy",
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello."},
+                               "finish_reason": "stop"}],
+                  "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    return infer_signature(CHAT_EXAMPLE, [completion], params=CHAT_PARAMS)
+
+
+def _requirements() -> list[str]:
+    # Given, not inferred: inference loads the model in a subprocess to watch its imports (tens of seconds).
+    from importlib.metadata import version
+
+    return [f"mlflow=={version('mlflow')}", f"torch>={version('torch').split('+')[0]}",
+            f"transformers=={version('transformers')}"]
+
+
+def log_policy(cfg: Config, merged_dir: str, adapter_dir: str, tmp: Path) -> Any:
+    """Log the merged policy as an MLflow model for chat (a LoggedModel of the active run); returns its ModelInfo.
+
+    A pyfunc model from code (``tao_spark/mlflow_chat_model.py``): the merged HF folder as artifact ``hf``, the LoRA
+    adapter as ``adapter``, a chat signature and input example, explicit requirements; no pickle anywhere.
+    """
+    import mlflow
+
+    hf = safe_copy(merged_dir, tmp / "hf")
+    return mlflow.pyfunc.log_model(
+        name="model", python_model=str(Path(__file__).with_name("mlflow_chat_model.py")),
+        artifacts={"hf": str(hf), "adapter": adapter_dir}, signature=chat_signature(),
+        input_example=(CHAT_EXAMPLE, {"max_tokens": 8}), pip_requirements=_requirements(),
+        model_config={"name": cfg.mlflow.model_name},
+    )
+
+
 @dataclass
 class Registration:
     run_id: str
@@ -112,8 +192,12 @@ def register(
     cfg: Config, *, round_id: str, prompts_source: dict[str, str], prompts_version: int, metrics: dict[str, float],
     per_task: dict[str, dict[str, float]], decision: GateDecision, adapter_dir: str, merged_dir: str,
     tags: dict[str, str], figures: dict[str, Any], run_id: str | None = None,
+    curves: dict[str, list[float]] | None = None,
 ) -> Registration:
-    """Log the round to MLflow, register the merged model, move aliases by ``decision``. Resumes ``run_id``."""
+    """Log the round to MLflow, register the merged model, move aliases by ``decision``. Resumes ``run_id``.
+
+    ``curves`` are per-step series (the DPO loss, reward margins) logged with their step, so the UI draws them.
+    """
     import mlflow
     from mlflow import MlflowClient
     from mlflow.data.delta_dataset_source import DeltaDatasetSource
@@ -128,6 +212,13 @@ def register(
         mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})
         for task, m in per_task.items():
             mlflow.log_metrics({f"task.{task}.{k}": v for k, v in m.items() if v == v})
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        points = [Metric(name, value, now, step) for name, series in (curves or {}).items()
+                  for step, value in enumerate(series, start=1) if value == value]
+        for i in range(0, len(points), 1000):  # one request per thousand points, not one per point
+            client.log_batch(run.info.run_id, metrics=points[i:i + 1000])
         source = DeltaDatasetSource(**prompts_source, delta_table_version=prompts_version)
         mlflow.log_input(MetaDataset(source=source, name=f"prompts@v{prompts_version}",
                                      digest=f"{prompts_version:08d}"), context="training")
@@ -139,14 +230,16 @@ def register(
             mlflow.log_artifact(str(Path(tmp) / "config.json"))
         for name, fig in figures.items():
             mlflow.log_figure(fig, f"plots/{name}.png")
-        mlflow.log_artifacts(adapter_dir, "adapter")
-        mlflow.log_artifacts(merged_dir, "model")
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter = safe_copy(adapter_dir, Path(tmp) / "adapter")
+            mlflow.log_artifacts(str(adapter), "adapter")
+            info = log_policy(cfg, merged_dir, str(adapter), Path(tmp))
         try:
             client.create_registered_model(cfg.mlflow.model_name)
         except mlflow.exceptions.MlflowException:
             pass  # already registered
         version = client.create_model_version(
-            cfg.mlflow.model_name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
+            cfg.mlflow.model_name, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id,
             tags={"tao.round_id": round_id, "tao.prompts_version": str(prompts_version),
                   "config_hash": cfg.digest(), "git_commit": tags.get("git_commit", git_commit())},
             description=f"TAO round {round_id} on prompts@v{prompts_version}: {decision.reason}",

@@ -208,9 +208,13 @@ class Models:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
+        from tao_spark.models import store_exists
+
+        if not store_exists(self.cfg.registry_uri):
+            return None  # nothing registered yet; asking would create an empty store
         name, alias = spec[len("models:/"):].rsplit("@", 1)
         try:
-            return str(MlflowClient(tracking_uri=self.cfg.tracking_uri, registry_uri=self.cfg.tracking_uri)
+            return str(MlflowClient(tracking_uri=self.cfg.tracking_uri, registry_uri=self.cfg.registry_uri)
                        .get_model_version_by_alias(name, alias).version)
         except MlflowException:
             return None
@@ -234,7 +238,7 @@ class Models:
             current = self.engines.get(arm)
             if version is not None and current is not None and current.version == version:
                 continue  # the alias has not moved: no download, no load
-            path = resolve_model(target, self.cfg.home)
+            path = resolve_model(target, self.cfg.home, self.cfg.tracking_uri, self.cfg.registry_uri)
             if current is not None and current.path == path:
                 continue
             gen = get_generator("transformers", path, dtype=self.cfg.model.dtype, batch_size=1)

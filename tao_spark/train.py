@@ -65,6 +65,8 @@ class TrainResult:
     merged_dir: str | None = field(metadata={"help": "base + adapter merged: same inference cost as the base"})
     metrics: dict[str, float] = field(metadata={"help": "train_loss_first/last, steps, samples, runtime_s, ..."})
     loss_history: list[float] = field(metadata={"help": "training loss of every optimizer step"})
+    curves: dict[str, list[float]] = field(default_factory=dict, metadata={
+        "help": "TRL's per-step metrics (rewards/margins, rewards/accuracies, ...), one value per logged step"})
 
 
 def training_args(cfg: TrainConfig, out_dir: str, seed: int = 0, deepspeed_config: str | None = None) -> dict[str, Any]:
@@ -175,7 +177,7 @@ def train_on_pairs(pairs: pd.DataFrame, model_path: str, out_dir: str, cfg: Trai
     report = json.loads(metrics_path.read_text())
     metrics = {**report["metrics"], "wall_s": wall_s}
     return TrainResult(adapter_dir=str(out / "adapter"), merged_dir=str(out / "merged") if cfg.merge else None,
-                       metrics=metrics, loss_history=report["loss_history"])
+                       metrics=metrics, loss_history=report["loss_history"], curves=report.get("curves", {}))
 
 
 def _records(pairs: pd.DataFrame, method: str) -> list[dict[str, Any]]:
@@ -269,4 +271,11 @@ def train_worker(spec: dict[str, Any]) -> None:
     if steps:  # TRL's per-step metrics (rewards/accuracies, rewards/margins, entropy, ...) as of the last step
         metrics.update({k: float(v) for k, v in steps[-1].items()
                         if isinstance(v, (int, float)) and k not in ("loss", "epoch", "step") and k not in metrics})
-    (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "loss_history": losses}, indent=1))
+    # The training curve MLflow draws: every numeric per-step metric TRL logged, step by step.
+    curves: dict[str, list[float]] = {}
+    for log in steps:
+        for k, v in log.items():
+            if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                curves.setdefault(k, []).append(float(v))
+    (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "loss_history": losses, "curves": curves},
+                                                 indent=1))

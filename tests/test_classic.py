@@ -5,9 +5,9 @@
 
 The same workers the Sail tier runs (``generate._generate_partition``, ``score._score_partition``,
 ``train.train_worker``), here on a JVM session whose Python workers are separate processes, reused across
-tasks. This tier reads and writes no Delta: Delta's Spark jars come from Maven, which this machine cannot
-reach, so the workers get plain DataFrames and their output is collected. ``PYSPARK_PYTHON`` points the
-workers at the driver's interpreter (``tao_spark.session.get_spark`` sets it).
+tasks. The workers get plain DataFrames here and their output is collected; whole rounds with Delta
+(delta-spark) on a multi-process cluster are the cluster tier's (``tests/test_cluster.py``). ``PYSPARK_PYTHON``
+points the workers at the driver's interpreter (``tao_spark.session.get_spark`` sets it).
 """
 
 from __future__ import annotations

@@ -131,3 +131,14 @@ def test_section_with_every_key_commented_out_means_defaults(tmp_path: Path) -> 
     p.write_text("spark:\n  # remote: sc://cluster:15002\ngenerate:\n  n: 2\n")
     cfg = load_config(p)
     assert cfg.spark.remote is None and cfg.generate.n == 2
+
+
+def test_unity_catalog_model_names_are_checked_up_front() -> None:
+    ok = load_config(None, ["mlflow.registry_uri=databricks-uc", "mlflow.model_name=main.tao.policy"])
+    assert ok.registry_uri == "databricks-uc" and ok.mlflow.model_name == "main.tao.policy"
+    for bad in ("tao-policy", "main.tao", "main.tao.tao-policy", "a.b.c.d"):
+        with pytest.raises(ConfigError, match="mlflow.model_name: Unity Catalog needs a three-level name"):
+            load_config(None, ["mlflow.registry_uri=databricks-uc", f"mlflow.model_name={bad}"])
+    with pytest.raises(ConfigError, match="mlflow.model_name"):
+        load_config(None, ["mlflow.model_name=main.tao"])  # dotted: meant for UC, so it must be three levels
+    assert load_config(None, []).registry_uri == load_config(None, []).tracking_uri

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tao_spark.models import model_id, resolve_model
+from tao_spark.models import ModelNotFound, model_id, resolve_model
 
 
 def test_local_folder_passes_through(tiny_model: Path, tmp_path: Path) -> None:
@@ -41,8 +42,10 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # an earlier test's registry.setup may have pointed it elsewhere
     yield uri
     mlflow.set_tracking_uri(None)  # monkeypatch then restores the environment variable
+    mlflow.set_registry_uri(None)
 
 
 def test_mlflow_uris_download_once(registry: str, tiny_model: Path, tmp_path: Path,
@@ -61,10 +64,10 @@ def test_mlflow_uris_download_once(registry: str, tiny_model: Path, tmp_path: Pa
     client.set_registered_model_alias("tiny-policy", "champion", version.version)
 
     home = str(tmp_path / "home")
-    by_alias = resolve_model("models:/tiny-policy@champion", home)
+    by_alias = resolve_model("models:/tiny-policy@champion", home, registry)
     assert (Path(by_alias) / "config.json").is_file()
     assert model_id(by_alias) == model_id(str(tiny_model))
-    by_run = resolve_model(f"runs:/{run.info.run_id}/model", home)
+    by_run = resolve_model(f"runs:/{run.info.run_id}/model", home, registry)
     assert model_id(by_run) == model_id(str(tiny_model))
 
     # Threads resolving one new URI at once download it once (the lock), and nobody sees a partial folder.
@@ -82,7 +85,7 @@ def test_mlflow_uris_download_once(registry: str, tiny_model: Path, tmp_path: Pa
 
     def worker() -> None:
         barrier.wait()
-        got.append(resolve_model("models:/tiny-policy@champion", home2))
+        got.append(resolve_model("models:/tiny-policy@champion", home2, registry))
 
     threads = [threading.Thread(target=worker) for _ in range(3)]
     for t in threads:
@@ -96,6 +99,38 @@ def test_mlflow_uris_download_once(registry: str, tiny_model: Path, tmp_path: Pa
         raise AssertionError("the cache should have answered")
 
     monkeypatch.setattr(mlflow.artifacts, "download_artifacts", no_download)
-    assert resolve_model("models:/tiny-policy@champion", home) == by_alias
-    assert resolve_model(f"models:/tiny-policy/{version.version}", home) == by_alias  # alias keyed by its version
-    assert resolve_model(f"runs:/{run.info.run_id}/model", home) == by_run
+    assert resolve_model("models:/tiny-policy@champion", home, registry) == by_alias
+    # The alias is keyed by its version.
+    assert resolve_model(f"models:/tiny-policy/{version.version}", home, registry) == by_alias
+    assert resolve_model(f"runs:/{run.info.run_id}/model", home, registry) == by_run
+
+
+def test_an_unknown_model_fails_in_one_line_and_creates_no_store(tmp_path: Path) -> None:
+    """From any working directory, a models:/ URI resolves in the configured store only, or says what is there."""
+    import subprocess
+    import sys
+
+    home, cwd = tmp_path / "home", tmp_path / "elsewhere"
+    cwd.mkdir()
+    env = {**os.environ, "TAO_HOME": str(home), "TAO_API_KEYS": "k"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    r = subprocess.run([sys.executable, "-m", "tao_spark.cli", "serve", "serve.model=models:/nope@champion",
+                        "model.path=models:/nope@champion", "serve.capture=false"], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "models:/nope@champion" in last and "no MLflow store" in last and str(home) in last
+    assert "Traceback" not in r.stderr
+    assert not list(tmp_path.rglob("mlflow.db"))  # no store appeared, here or in home
+
+    # With a store that lacks the model: the line names the registry and the models it has.
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    home.mkdir()
+    MlflowClient(tracking_uri=uri, registry_uri=uri).create_registered_model("tao-reward")
+    mlflow.set_tracking_uri(None)
+    with pytest.raises(ModelNotFound, match=r"not in the model registry at sqlite:.*registered models: tao-reward"):
+        resolve_model("models:/nope@champion", str(home))
+    assert not (cwd / "mlflow.db").exists()

@@ -92,11 +92,25 @@ def test_round_end_to_end(spark, tmp_path, tiny_model):
     source = json.loads(ds.dataset.source)
     assert source["path"].endswith("/prompts") and source["delta_table_version"] == rnd.prompts_version
     artifacts = {a.path for a in client.list_artifacts(rnd.mlflow_run_id)}
-    assert {"model", "adapter", "plots", "config.json"} <= artifacts
+    assert {"adapter", "plots", "config.json"} <= artifacts
     plots = {Path(a.path).name for a in client.list_artifacts(rnd.mlflow_run_id, "plots")}
     assert plots == {"reward_histogram.png", "win_rate_by_task.png", "reward_vs_length.png"}
     mv = client.get_model_version_by_alias(cfg.mlflow.model_name, "challenger")
     assert str(mv.version) == rnd.model_version and mv.run_id == rnd.mlflow_run_id
+    # The version is an MLflow model (a LoggedModel of the run) with a chat signature, loadable by pyfunc.
+    assert mv.source.startswith("models:/m-")
+    logged = mlflow.get_logged_model(mv.source.removeprefix("models:/"))
+    assert logged.source_run_id == rnd.mlflow_run_id and logged.name == "model"
+    policy = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.model_name}/{mv.version}")
+    assert [i.name for i in policy.metadata.signature.inputs.inputs] == ["messages"]
+    (answer,) = policy.predict({"messages": [{"role": "user", "content": "Hi"}]}, params={"max_tokens": 3})
+    assert answer["object"] == "chat.completion" and 1 <= answer["usage"]["completion_tokens"] <= 3
+    # Nothing that unpickles: the model's files and the run's adapter are safetensors, JSON, YAML and text.
+    got = Path(mlflow.artifacts.download_artifacts(mv.source, dst_path=str(tmp_path / "mv")))
+    got_adapter = Path(client.download_artifacts(rnd.mlflow_run_id, "adapter", str(tmp_path / "adapter")))
+    files = [f for f in [*got.rglob("*"), *got_adapter.rglob("*")] if f.is_file()]
+    assert {f.name for f in files} >= {"MLmodel", "model.safetensors", "adapter_model.safetensors"}
+    assert not [f for f in files if f.suffix in (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt")]
     if rnd.promoted:
         assert str(client.get_model_version_by_alias(cfg.mlflow.model_name, "champion").version) == rnd.model_version
     row = tables.read("rounds").where(F.col("round_id") == rnd.round_id).first()

@@ -343,26 +343,113 @@ def test_latency_with_capture_on_and_off(tiny_model: Path, tmp_path: Path) -> No
     print("\n" + "\n".join(lines))
 
 
+def _register(cfg: Any, model: Path, tmp: Path, promote: bool = True) -> str:
+    """A registered version exactly as a round's register stage writes it; returns the version."""
+    from tao_spark import registry
+
+    adapter = tmp / f"adapter-{model.name}"
+    adapter.mkdir(exist_ok=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    reg = registry.register(cfg, round_id=f"r-{model.name}", prompts_source={"path": str(tmp / "prompts")},
+                            prompts_version=0, metrics={"eval_win_rate": 0.6}, per_task={},
+                            decision=registry.GateDecision(promote, "test"), adapter_dir=str(adapter),
+                            merged_dir=str(model), tags={}, figures={})
+    return reg.model_version
+
+
 @pytest.mark.integration
-def test_hot_swap_loads_the_new_version_and_keeps_the_old_for_in_flight(
-        tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tao_spark import models as models_mod
+def test_serve_starts_on_the_registered_champion_from_any_directory(tiny_model: Path, tmp_path: Path) -> None:
+    from openai import OpenAI
+
+    home, elsewhere, port = tmp_path / "home", tmp_path / "elsewhere", _free_port()
+    cfg = load_config(None, [f"home={home}", "mlflow.experiment=serve-test"])
+    version = _register(cfg, tiny_model, tmp_path)
+    import mlflow
+
+    mlflow.set_tracking_uri(None)  # the server must find the store from its config alone
+    elsewhere.mkdir()
+    env = {**os.environ, "TAO_HOME": str(home), "TAO_API_KEYS": KEY, "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(tmp_path / "server.err", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "tao_spark.cli", "serve", f"serve.port={port}",
+                                 "serve.capture=false", "serve.max_tokens_cap=8"], cwd=elsewhere, env=env, stderr=err)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.err").read_text()[-3000:]
+            assert time.time() < deadline, "server did not come up"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.3)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model="tao", messages=[{"role": "user", "content": "Say hi"}], max_tokens=4)
+        assert raw.headers["x-tao-model-version"] == version and raw.headers["x-tao-arm"] == "champion"
+        assert raw.parse().choices[0].message.content is not None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert [p.parent for p in tmp_path.rglob("mlflow.db")] == [home]
+
+
+@pytest.mark.integration
+def test_hot_swap_moves_with_a_real_alias_and_keeps_the_old_for_in_flight(tiny_model: Path, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
     from tao_spark.serve import Models
     from tests.tiny import make_tiny_model
 
+    cfg = load_config(None, [f"home={tmp_path / 'home'}", "mlflow.experiment=swap-test"])
     other = make_tiny_model(tmp_path / "v2", seed=1)
-    folders = {"models:/tao-policy/1": str(tiny_model), "models:/tao-policy/2": str(other)}
-    alias = {"version": "1"}
-    monkeypatch.setattr(Models, "_version", lambda self, spec: alias["version"] if spec.endswith("@champion") else None)
-    monkeypatch.setattr(models_mod, "resolve_model", lambda spec, home: folders[spec])
-    cfg = load_config(None, [f"home={tmp_path}"])
+    v1 = _register(cfg, tiny_model, tmp_path)
+    v2 = _register(cfg, other, tmp_path, promote=False)  # registered, alias challenger only
     m = Models(cfg)
     started = m.pick("champion")
-    assert started.version == "1" and m.refresh() == []  # the alias did not move: nothing reloaded
-    alias["version"] = "2"
+    assert started.version == v1 and m.refresh() == []  # the alias did not move: nothing reloaded
+    MlflowClient(tracking_uri=cfg.tracking_uri).set_registered_model_alias(cfg.mlflow.model_name, "champion", v2)
     assert m.refresh() == ["champion"]
-    assert m.pick("champion").version == "2" and m.pick("champion").path == str(other)
+    assert m.pick("champion").version == v2
+    from tao_spark.models import model_id
+
+    assert model_id(m.pick("champion").path) == model_id(str(other))
     # A request that took the old engine before the swap still holds a working one.
     out = started.generator.generate([[{"role": "user", "content": "hi"}]], n=1, temperature=0, top_p=1,
                                      max_new_tokens=2, seeds=[0])
     assert out[0][0].tokens >= 1
+
+
+@pytest.mark.integration
+def test_mlflow_models_serve_answers_the_registered_alias(tiny_model: Path, tmp_path: Path) -> None:
+    """The registered version is an MLflow model any MLflow server loads: `mlflow models serve` on loopback."""
+    cfg = load_config(None, [f"home={tmp_path / 'home'}", "mlflow.experiment=mlflow-serve"])
+    _register(cfg, tiny_model, tmp_path)
+    port = _free_port()
+    mlflow_cli = Path(sys.executable).parent / "mlflow"
+    # As in an activated venv: MLflow's server execs uvicorn from PATH.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking_uri, "MLFLOW_REGISTRY_URI": cfg.registry_uri,
+           "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with open(tmp_path / "mlflow-serve.log", "wb") as log:
+        proc = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", f"models:/{cfg.mlflow.model_name}@champion",
+                                 "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "mlflow-serve.log").read_text()[-3000:]
+            assert time.time() < deadline, "mlflow models serve did not come up"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        status, body = _post(port, "/invocations", json.dumps(
+            {"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4}).encode(), key=None)
+        assert status == 200, body
+        (answer,) = body["predictions"] if isinstance(body, dict) and "predictions" in body else body
+        assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["role"] == "assistant"
+        assert 1 <= answer["usage"]["completion_tokens"] <= 4
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
