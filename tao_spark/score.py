@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from tao_spark.config import RewardSpec, ScoreConfig
+from tao_spark.rewards import reward_text
 from tao_spark.tables import SCHEMAS, Tables, columns
 
 if TYPE_CHECKING:
@@ -34,12 +35,6 @@ COMBINED_RAW = "combined_raw"
 _lock = threading.Lock()
 _rewards: dict[str, Any] = {}
 load_counts: dict[str, int] = {}
-
-
-def reward_text(messages: list[dict[str, str]]) -> str:
-    """What a reward reads of a prompt: the system turn (if any) and the last user turn."""
-    system = [m["content"] for m in messages if m["role"] == "system"]
-    return "\n\n".join([*system[:1], messages[-1]["content"]])
 
 
 def get_reward(spec: RewardSpec) -> Any:

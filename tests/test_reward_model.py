@@ -129,3 +129,33 @@ def test_reward_model_loads_once_per_worker_and_scores_in_order(tiny_rm: Path):
         assert list(f["rm"]) == pytest.approx(expected, abs=1e-5)
     sig = get_reward(RewardSpec(name="rm2", model=str(tiny_rm)))(["Explain tides."], ["Tides."])
     assert 0 < sig[0] < 1 and not math.isnan(sig[0])
+
+
+def test_registered_reward_model_is_an_mlflow_model_that_scores_like_the_loop(tiny_rm: Path, tmp_path: Path):
+    import shutil
+
+    import mlflow
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tao_spark.config import load_config
+    from tao_spark.reward_model import register, score_texts
+
+    cfg = load_config(None, [f"home={tmp_path / 'home'}", "mlflow.experiment=rm-test"])
+    out = tmp_path / "run"
+    shutil.copytree(tiny_rm, out / "model")
+    holdout = [{"task": "t", "chosen_words": 5, "chosen_score": 0.3, "rejected_words": 9, "rejected_score": 0.1}]
+    r = register(cfg, "tao-reward", out, {"holdout_accuracy": 0.75}, holdout, {"path": str(tmp_path / "pairs")}, 3,
+                 "reward-test")
+    assert r.promoted and r.model_version == "1"
+    rm = mlflow.pyfunc.load_model("models:/tao-reward@champion")
+    assert [i.name for i in rm.metadata.signature.inputs.inputs] == ["prompt", "response"]
+    rows = [{"prompt": "Explain tides.", "response": a} for a in ("The moon pulls the sea.", "no", "Tides! " * 20)]
+    got = rm.predict(rows)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_rm).eval()
+    want = score_texts(model, AutoTokenizer.from_pretrained(tiny_rm), [(x["prompt"], x["response"]) for x in rows],
+                       cfg.reward_model.max_length)
+    assert len(got) == 3 and all(abs(float(g) - w) < 1e-5 for g, w in zip(got, want, strict=True))
+    files = [f for f in Path(mlflow.artifacts.download_artifacts(
+        mlflow.MlflowClient().get_model_version("tao-reward", "1").source, dst_path=str(tmp_path / "dl"))).rglob("*")
+        if f.is_file()]
+    assert "MLmodel" in {f.name for f in files} and not [f for f in files if f.suffix in (".pkl", ".bin", ".pt")]

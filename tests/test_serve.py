@@ -343,6 +343,19 @@ def test_latency_with_capture_on_and_off(tiny_model: Path, tmp_path: Path) -> No
     print("\n" + "\n".join(lines))
 
 
+def _wait_up(proc: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float = 180) -> None:
+    """Until ``url`` answers; fails with the server's log if it exits or takes longer than ``timeout_s``."""
+    deadline = time.time() + timeout_s
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, f"{url} did not come up"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+
+
 def _register(cfg: Any, model: Path, tmp: Path, promote: bool = True) -> str:
     """A registered version exactly as a round's register stage writes it; returns the version."""
     from tao_spark import registry
@@ -374,15 +387,7 @@ def test_serve_starts_on_the_registered_champion_from_any_directory(tiny_model: 
         proc = subprocess.Popen([sys.executable, "-m", "tao_spark.cli", "serve", f"serve.port={port}",
                                  "serve.capture=false", "serve.max_tokens_cap=8"], cwd=elsewhere, env=env, stderr=err)
     try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.err").read_text()[-3000:]
-            assert time.time() < deadline, "server did not come up"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.3)
+        _wait_up(proc, f"http://127.0.0.1:{port}/health", tmp_path / "server.err")
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
         raw = client.chat.completions.with_raw_response.create(
             model="tao", messages=[{"role": "user", "content": "Say hi"}], max_tokens=4)
@@ -435,15 +440,7 @@ def test_mlflow_models_serve_answers_the_registered_alias(tiny_model: Path, tmp_
                                  "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "mlflow-serve.log").read_text()[-3000:]
-            assert time.time() < deadline, "mlflow models serve did not come up"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.5)
+        _wait_up(proc, f"http://127.0.0.1:{port}/ping", tmp_path / "mlflow-serve.log")
         status, body = _post(port, "/invocations", json.dumps(
             {"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4}).encode(), key=None)
         assert status == 200, body

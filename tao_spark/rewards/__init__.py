@@ -29,6 +29,12 @@ BUILTINS = ("instruction_following", "json_key", "numeric_answer", "length_penal
 JUDGE = "judge"
 
 
+def reward_text(messages: list[dict[str, str]]) -> str:
+    """What a reward reads of a prompt: the system turn (if any) and the last user turn."""
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    return "\n\n".join([*system[:1], messages[-1]["content"]])
+
+
 class RewardFn(Protocol):
     """One score per (prompt, completion) pair: higher is better, NaN where the reward does not apply."""
 

@@ -7,8 +7,9 @@
 
 ``model`` is anything ``tao_spark.models.resolve_model`` takes (a ``models:/`` URI, a local HF folder with a
 one-label sequence-classification head). The prompt and answer are encoded as ``tao train-reward`` encoded them
-(``tao_spark.reward_model.encode``). The score stage keeps one instance per process (``score.get_reward``), and
-the weights load on the first call, not when the config is checked, so a driver that never scores never loads them.
+(``tao_spark.mlflow_reward_model.encode``, which the registered MLflow model uses too). The score stage keeps one
+instance per process (``score.get_reward``), and the weights load on the first call, not when the config is
+checked, so a driver that never scores never loads them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import os
 import threading
 from pathlib import Path
 from typing import Any
+
+from tao_spark.mlflow_reward_model import score_texts
 
 _lock = threading.Lock()
 load_counts: dict[str, int] = {}
@@ -58,8 +61,6 @@ class RewardModel:
             return self._loaded
 
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
-        from tao_spark.reward_model import score_texts
-
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         if not prompts:
