@@ -187,7 +187,7 @@ def _resolve_mlflow(uri: str, models: Path, tracking_uri: str, registry_uri: str
             mv = client.get_model_version_by_alias(name, alias) if sep else client.get_model_version(name, number)
         except MlflowException:
             raise ModelNotFound(_not_found(client, uri, registry_uri)) from None
-        stable, source = f"models:/{name}/{mv.version}", mv.source
+        stable, source = f"models:/{name}/{mv.version}", str(mv.source)
         if source.startswith("models:/m-"):
             # An MLflow 3 LoggedModel: its own artifact location, looked up in this store (download_artifacts
             # would look the id up in the process-wide default store instead).
