@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tao_spark import cluster, loop
 from tao_spark.config import Config, load_config
@@ -309,9 +308,7 @@ def test_catalog_tables_by_name_over_spark_connect(local_cluster: tuple[cluster.
     """ingest → round over the JVM Spark Connect server, lakehouse a catalog namespace; read by name elsewhere."""
     state, _ = local_cluster
     home = tmp_path / "home"
-    conf = tmp_path / "conf.yaml"
-    data = yaml.safe_load(_config_file(tmp_path).read_text())
-    conf.write_text(yaml.safe_dump(data))
+    conf = _config_file(tmp_path)
     over = [f"spark.remote={state.connect_url}", "lakehouse=tao_test", f"model.path={tiny_path(tmp_path)}",
             "generate.n=3", "generate.max_new_tokens=8", "generate.max_prompts=8", "generate.batch_size=4",
             "generate.temperature=1.0", "evaluate.max_prompts=4", "evaluate.max_new_tokens=8",

@@ -101,3 +101,25 @@ def test_register_exposes_tables_by_plain_name(spark: SparkSession, tables: Tabl
     assert tables.register() == ["prompts"]
     (row,) = spark.sql("SELECT count(*) AS n FROM prompts WHERE prompt = 'two'").collect()
     assert row["n"] == 1
+
+
+def test_commit_conflicts_are_told_apart_from_other_errors() -> None:
+    from tao_spark.tables import is_conflict
+
+    class Captured(Exception):  # the shape of PySpark's captured JVM errors: SQLSTATE and condition getters
+        def __init__(self, msg: str, state: str | None, condition: str | None) -> None:
+            super().__init__(msg)
+            self.state, self.condition = state, condition
+
+        def getSqlState(self) -> str | None:
+            return self.state
+
+        def getCondition(self) -> str | None:
+            return self.condition
+
+    assert is_conflict(Captured("[DELTA_CONCURRENT_APPEND] files were added", "2D521", "DELTA_CONCURRENT_APPEND"))
+    assert is_conflict(Captured("metadata changed", None, "DELTA_METADATA_CHANGED"))
+    assert is_conflict(RuntimeError("io.delta.exceptions.ConcurrentAppendException: retry"))
+    assert is_conflict(RuntimeError("Transaction 7 already exists"))  # Sail / delta-rs
+    assert not is_conflict(Captured("[TABLE_OR_VIEW_NOT_FOUND] no table", "42P01", "TABLE_OR_VIEW_NOT_FOUND"))
+    assert not is_conflict(ValueError("bad value"))
