@@ -4,7 +4,7 @@
     .venv/bin/python bench/generation_bench.py --prompts 8 --tiny
 
 Same prompts (the first N of tao_spark/data/prompts.jsonl), same sampling, same batches, same thread layout, on
-the embedded Sail session. UDF: ``mapInPandas`` with ``generate._generate_partition`` (what ``generate.run`` runs
+the embedded Sail session. UDF: ``mapInPandas`` with ``generate._generate_partition`` (what ``generate.sample`` runs
 before its MERGE) with ``generate.partitions=2``, so cores // 2 torch threads per partition; Sail runs the two
 partitions as two threads of this process, sharing one engine. Direct: one ``TransformersGenerator`` shared by two
 Python threads, each generating every other prompt in batches of ``batch_size`` on the same torch thread count:
@@ -47,7 +47,7 @@ def matmul_flops(threads: int, seconds: float = 2.0, size: int = 1024) -> float:
 
 
 def _udf(spark: Any, pdf: Any, model: str, cfg: Any) -> tuple[float, int, int]:
-    """The fan-out as ``generate.run`` builds it for ``cfg`` (a GenerateConfig), collected instead of MERGEd."""
+    """The fan-out as ``generate.sample`` builds it for ``cfg`` (a GenerateConfig), collected instead of MERGEd."""
     from tao_spark.generate import CANDIDATE_SCHEMA, Sampling, _generate_partition, torch_threads
 
     worker = functools.partial(

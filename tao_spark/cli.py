@@ -224,11 +224,12 @@ def _loop_args(p: argparse.ArgumentParser) -> None:
 @command("loop", "run rounds on the growing prompt log: retune, test, promote, repeat", _loop_args)
 def _loop(a: argparse.Namespace, cfg: Config) -> int:
     from tao_spark import loop
+    from tao_spark.locks import Busy
 
     _, tables = _context(cfg)
     try:
         loop.run_loop(tables, cfg, rounds=1 if a.once else a.rounds)
-    except loop.Busy as e:
+    except Busy as e:
         print(f"tao loop: {e}", file=sys.stderr)
         return 3
     return 0
@@ -252,20 +253,20 @@ def _status_row(row: dict[str, Any]) -> dict[str, Any]:
 def _status(a: argparse.Namespace, cfg: Config) -> int:
     import mlflow
 
-    from tao_spark import loop, registry
+    from tao_spark import registry, rounds
 
     _, tables = _context(cfg)
-    frame = loop.history(tables)
+    frame = rounds.history(tables)
     if frame.empty:
         print("no rounds yet: run `tao round`")
         return 0
     print_table([_status_row(r) for r in frame.to_dict("records")], max_width=28)
     runs = [r for r in frame.round_id if r]
-    latest = loop.load(tables, runs[-1])
+    latest = rounds.load(tables, runs[-1])
     if latest.mlflow_run_id:
         registry.setup(cfg)
         with mlflow.start_run(run_id=latest.mlflow_run_id):
-            mlflow.log_figure(loop.history_figure(frame), "plots/rounds.png")
+            mlflow.log_figure(rounds.history_figure(frame), "plots/rounds.png")
         print(f"plot: plots/rounds.png in MLflow run {latest.mlflow_run_id}")
     return 0
 
@@ -276,10 +277,10 @@ def _stage_args(p: argparse.ArgumentParser) -> None:
 
 def _stage(name: str) -> Handler:
     def run(a: argparse.Namespace, cfg: Config) -> int:
-        from tao_spark import loop
+        from tao_spark import loop, rounds
 
         _, tables = _context(cfg)
-        rnd = loop.load(tables, a.round_id) if a.round_id else loop.latest_open(tables)
+        rnd = rounds.load(tables, a.round_id) if a.round_id else rounds.latest_open(tables)
         if rnd is None:
             rnd = loop.start(tables, cfg)
         if rnd is None:

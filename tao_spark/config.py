@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 import types
 import typing
 from dataclasses import dataclass, field
@@ -365,6 +366,16 @@ class Config:
     def digest(self) -> str:
         """Stable hash of the resolved config, tagged on every MLflow run."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def git_commit() -> str:
+    """The commit of the code that is running, tagged beside the config's digest ("unknown" outside git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
 
 
 # `schema` or `catalog.schema`: a lakehouse given as a catalog namespace rather than a path.

@@ -21,6 +21,8 @@ from pyspark.sql import functions as F
 
 from tao_spark import generate, score
 from tao_spark.config import Config
+from tao_spark.models import model_id
+from tao_spark.rounds import Round, StageResult, forgetting_sample, policy, split, versions
 from tao_spark.tables import SCHEMAS, Tables, columns
 
 ARMS = ("challenger", "champion")
@@ -89,7 +91,25 @@ def _answers(tables: Tables, round_id: str, purpose: str) -> pd.DataFrame:
         "prompt_id", "task", "completion", "tokens", "finish_reason", "policy", "scores").toPandas()
 
 
-def run(
+def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
+    """The evaluate stage: the round's tuned model against its baseline on the held-out prompts, plus the
+    forgetting check on the first round's held-out sample."""
+    if not rnd.tuned_model:
+        raise RuntimeError(f"round {rnd.round_id}: train has not produced a model")
+    challenger = (rnd.tuned_model, rnd.tuned_model, model_id(rnd.tuned_model))
+    ev = compare(tables, split(tables, rnd, cfg)[1], round_id=rnd.round_id, cfg=cfg, challenger=challenger,
+                 champion=policy(cfg, rnd.baseline_model))
+    metrics: dict[str, Any] = {f"eval_{k}": v for k, v in ev.metrics.items()}
+    metrics.update(eval_per_task=ev.per_task, eval_task_drops=ev.task_drops())
+    old = {r.prompt_id for r in forgetting_sample(tables, rnd, cfg).select("prompt_id").collect()}
+    sample = ev.frame[ev.frame.prompt_id.isin(old)]
+    if len(sample):
+        metrics["forgetting_prompts"] = len(sample)
+        metrics["forgetting"] = float(sample.champion_reward.mean() - sample.challenger_reward.mean())
+    return StageResult(metrics=metrics, versions=versions(tables, "candidates", "scores", "evaluations"))
+
+
+def compare(
     tables: Tables, holdout: DataFrame, *, round_id: str, cfg: Config, challenger: tuple[str, str, str],
     champion: tuple[str, str, str],
 ) -> Evaluation:
@@ -97,9 +117,9 @@ def run(
     gen_cfg = dataclasses.replace(cfg.generate, n=1, temperature=cfg.evaluate.temperature,
                                   max_new_tokens=cfg.evaluate.max_new_tokens)
     for arm, (uri, path, pid) in zip(ARMS, (challenger, champion), strict=True):
-        generate.run(tables, holdout, round_id=round_id, purpose=f"eval_{arm}",
+        generate.sample(tables, holdout, round_id=round_id, purpose=f"eval_{arm}",
                      model=dataclasses.replace(cfg.model, path=uri), model_path=path, policy_id=pid, cfg=gen_cfg)
-        score.run(tables, holdout, round_id=round_id, purpose=f"eval_{arm}", cfg=cfg.score)
+        score.score_candidates(tables, holdout, round_id=round_id, purpose=f"eval_{arm}", cfg=cfg.score)
     a, b = (_answers(tables, round_id, f"eval_{arm}") for arm in ARMS)
     frame = a.merge(b, on=["prompt_id", "task"], suffixes=("_challenger", "_champion"))
     for arm in ARMS:

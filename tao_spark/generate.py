@@ -1,6 +1,7 @@
 """Generate: sample N candidate answers per prompt with the current policy, fanned out over Spark.
 
     tao generate --round ROUND_ID
+    generate.run(tables, rnd, cfg)      # the stage; generate.sample(...) for any prompts and policy
 
 The engine is loaded once per Python worker (``tao_spark.engines.get_generator``) and each partition's
 prompts go to it in batches (transformers) or in one call (vLLM batches continuously). Prompts are processed
@@ -26,7 +27,8 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-from tao_spark.config import GenerateConfig, ModelConfig
+from tao_spark.config import Config, GenerateConfig, ModelConfig
+from tao_spark.rounds import Round, StageResult, policy, split, versions
 from tao_spark.tables import SCHEMAS, Tables, columns
 
 CANDIDATE_SCHEMA = SCHEMAS["candidates"]
@@ -107,7 +109,29 @@ class GenerateResult:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def run(
+def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
+    """The generate stage: ``generate.n`` candidates for each of the round's training prompts, sampled by the
+    round's policy; candidates an earlier round made with the same policy and sampling are reused."""
+    train, holdout = split(tables, rnd, cfg)
+    _, path, pid = policy(cfg, rnd.base_model)
+    res = sample(tables, train, round_id=rnd.round_id, purpose="train", model=cfg.model, model_path=path,
+                 policy_id=pid, cfg=cfg.generate)
+    cands = tables.read("candidates").where((F.col("round_id") == rnd.round_id) & (F.col("purpose") == "train"))
+    agg = cands.agg(F.count("*").alias("n"), F.sum("tokens").alias("tok"),
+                    F.avg((F.col("finish_reason") == "length").cast("double")).alias("capped")).first()
+    reused = cands.where(F.col("reused_from").isNotNull()).count()
+    return StageResult(
+        fields={"policy_id": pid, "n_train": train.count(), "n_holdout": holdout.count(),
+                "n_prompts": tables.read("prompts", version=rnd.prompts_version).count(),
+                "reused_candidates": reused, "new_candidates": agg.n - reused},
+        counts={"candidates": agg.n, "candidates_reused": reused, "candidates_new": agg.n - reused,
+                "tokens_generated": agg.tok or 0},
+        metrics={"candidates_length_capped": agg.capped, "generate_tokens_per_s_last_run": res.tokens_per_second},
+        versions=versions(tables, "candidates"),
+    )
+
+
+def sample(
     tables: Tables, prompts: DataFrame, *, round_id: str, purpose: str, model: ModelConfig, model_path: str,
     policy_id: str, cfg: GenerateConfig, chunk_prompts: int | None = None,
 ) -> GenerateResult:

@@ -10,14 +10,18 @@ table name in catalog mode, and version), the adapter and the merged model. The 
 from __future__ import annotations
 
 import json
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tao_spark.config import Config, GateConfig
+from tao_spark.config import Config, GateConfig, git_commit
+
+if TYPE_CHECKING:
+    from tao_spark.rounds import Round, StageResult
+    from tao_spark.tables import Tables
 
 ALIAS_CHAMPION = "champion"
 ALIAS_CHALLENGER = "challenger"
@@ -104,15 +108,6 @@ def champion_uri(cfg: Config) -> str | None:
     return f"models:/{cfg.mlflow.model_name}@{ALIAS_CHAMPION}"
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
-
-
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in d.items():
@@ -186,6 +181,38 @@ class Registration:
     model_version: str
     model_uri: str
     decision: GateDecision
+
+
+def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
+    """The register stage: the gate decides on the round's evaluation; the round is logged to MLflow with
+    lineage to its prompt snapshot, its model registered, and the aliases moved by the decision."""
+    import pandas as pd
+    from pyspark.sql import functions as F
+
+    from tao_spark import evaluate
+    from tao_spark.rewards.plots import reward_length_figure
+    from tao_spark.rounds import StageResult, folder
+
+    m = rnd.metrics
+    ev = tables.read("evaluations").where(F.col("round_id") == rnd.round_id).toPandas()
+    flat = {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    decision = gate({k.removeprefix("eval_"): v for k, v in flat.items() if k.startswith("eval_")},
+                    m.get("eval_task_drops", {}), cfg.gate, forgetting=m.get("forgetting"))
+    tuned = pd.DataFrame({"task": ev.task, "reward": ev.challenger_reward, "tokens": ev.challenger_tokens})
+    figures = {**evaluate.figures(ev, m.get("eval_per_task", {})),
+               "reward_vs_length": reward_length_figure(tuned, "tuned model: reward vs. answer length (held out)")}
+    curves = m.get("train_curves") or {"loss": m.get("train_loss_history", [])}
+    reg = register(
+        cfg, round_id=rnd.round_id, prompts_source=tables.lineage("prompts"), prompts_version=rnd.prompts_version,
+        metrics=flat, per_task=m.get("eval_per_task", {}), decision=decision,
+        adapter_dir=str(folder(cfg, rnd) / "train" / "adapter"), merged_dir=rnd.tuned_model or "",
+        tags={"tao.base_model": rnd.base_model, "tao.baseline_model": rnd.baseline_model,
+              "tao.policy_id": rnd.policy_id or ""},
+        figures=figures, run_id=rnd.mlflow_run_id, curves={f"train.{k}": v for k, v in curves.items()},
+    )
+    return StageResult(fields={"mlflow_run_id": reg.run_id, "model_version": reg.model_version,
+                               "promoted": reg.decision.promote, "gate_reason": reg.decision.reason,
+                               "finished_at": datetime.now(timezone.utc)})
 
 
 def register(

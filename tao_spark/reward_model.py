@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tao_spark.config import Config, RewardModelConfig
+from tao_spark.config import Config, RewardModelConfig, git_commit
 from tao_spark.mlflow_reward_model import encode, score_texts
 
 if TYPE_CHECKING:
@@ -271,7 +271,7 @@ def register(cfg: Config, name: str, out: Path, metrics: dict[str, float], holdo
         mlflow.log_figure(reward_length_figure(pd.DataFrame(rows)), "plots/reward_length.png")
         info = log_reward_model(out / "model", cfg.reward_model.max_length)
         mlflow.set_tags({"tao.kind": "reward_model", "tao.preference_pairs_version": str(pairs_version),
-                         "git_commit": registry.git_commit(), "config_hash": cfg.digest()})
+                         "git_commit": git_commit(), "config_hash": cfg.digest()})
         try:
             client.create_registered_model(name)
         except MlflowException:

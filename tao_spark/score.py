@@ -1,6 +1,7 @@
 """Score: every configured reward on every candidate, as a Spark UDF, into ``scores``.
 
     tao score --round ROUND_ID
+    score.run(tables, rnd, cfg)      # the stage; score.score_candidates(...) for any purpose
 
 One row per (candidate, reward) plus a ``combined`` row: the weighted mean of the components that apply
 to that prompt (a reward returns NaN where it does not apply, stored as NULL). Rewards are loaded once
@@ -29,6 +30,9 @@ from tao_spark.tables import SCHEMAS, Tables, columns
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
+
+    from tao_spark.config import Config
+    from tao_spark.rounds import Round, StageResult
 
 COMBINED = "combined"
 COMBINED_RAW = "combined_raw"
@@ -159,7 +163,23 @@ def _score_partition(batches: Iterator[pd.DataFrame], *, specs: list[RewardSpec]
         yield long[columns("scores")]
 
 
-def run(tables: Tables, prompts: DataFrame, *, round_id: str, purpose: str, cfg: ScoreConfig) -> ScoreResult:
+def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
+    """The score stage: every reward of ``score.rewards`` on each of the round's training candidates."""
+    from pyspark.sql import functions as F
+
+    from tao_spark.rounds import StageResult, split, versions
+
+    res = score_candidates(tables, split(tables, rnd, cfg)[0], round_id=rnd.round_id, purpose="train",
+                           cfg=cfg.score)
+    comb = tables.read("scores").where((F.col("round_id") == rnd.round_id) & (F.col("purpose") == "train")
+                                       & (F.col("reward_name") == COMBINED))
+    return StageResult(counts={"scores_reused": rnd.metrics.get("scores_reused", 0) + res.reused},
+                       metrics={"candidate_reward_mean": comb.agg(F.avg("value")).first()[0]},
+                       versions=versions(tables, "scores"))
+
+
+def score_candidates(tables: Tables, prompts: DataFrame, *, round_id: str, purpose: str,
+                     cfg: ScoreConfig) -> ScoreResult:
     """Score the round's candidates of ``purpose`` that have no combined score yet.
 
     Scores of candidates copied from an earlier round are copied too when the reward config is the same.

@@ -16,7 +16,8 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-from tao_spark.config import SelectConfig
+from tao_spark.config import Config, SelectConfig
+from tao_spark.rounds import Round, StageResult, versions
 from tao_spark.tables import Tables
 
 
@@ -45,7 +46,13 @@ def pairs(candidates: DataFrame, combined: DataFrame, cfg: SelectConfig, round_i
     )
 
 
-def run(tables: Tables, *, round_id: str, cfg: SelectConfig) -> int:
+def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
+    """The select stage: the round's scored candidates become preference pairs."""
+    n = write_pairs(tables, round_id=rnd.round_id, cfg=cfg.select)
+    return StageResult(fields={"pairs": n}, counts={"pairs": n}, versions=versions(tables, "preferences"))
+
+
+def write_pairs(tables: Tables, *, round_id: str, cfg: SelectConfig) -> int:
     """Write this round's preference pairs; returns how many the round has."""
     cands = tables.read("candidates").where((F.col("round_id") == round_id) & (F.col("purpose") == "train"))
     combined = (tables.read("scores")

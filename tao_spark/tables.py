@@ -265,14 +265,23 @@ class Tables:
         (optimistic concurrency): the MERGE re-reads the table, so a key another writer just inserted is
         then matched instead of doubled.
         """
+        clauses = ("WHEN MATCHED THEN UPDATE SET * " if update else "") + "WHEN NOT MATCHED THEN INSERT *"
+        return self._merge(name, df, clauses, retries)
+
+    def delete(self, name: str, keys: DataFrame, *, retries: int = 8) -> int:
+        """Delete the rows of ``name`` whose key is a row of ``keys``; returns how many went.
+
+        The values travel as rows of a DataFrame, never as SQL text, so a quote in a value cannot change
+        the statement.
+        """
+        return self._merge(name, keys, "WHEN MATCHED THEN DELETE", retries)
+
+    def _merge(self, name: str, df: DataFrame, clauses: str, retries: int) -> int:
         self.ensure(name)
         view = f"tao_src_{name}_{uuid.uuid4().hex[:8]}"
         df.createOrReplaceTempView(view)
         on = " AND ".join(f"t.{k} <=> s.{k}" for k in KEYS[name])
-        sql = f"MERGE INTO {self.ref(name)} AS t USING {view} AS s ON {on} "
-        if update:
-            sql += "WHEN MATCHED THEN UPDATE SET * "
-        sql += "WHEN NOT MATCHED THEN INSERT *"
+        sql = f"MERGE INTO {self.ref(name)} AS t USING {view} AS s ON {on} {clauses}"
         try:
             for attempt in range(retries + 1):
                 try:

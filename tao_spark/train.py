@@ -1,5 +1,7 @@
 """Train: tune the policy on preference pairs (DPO) or on the best candidate of each prompt (SFT) with LoRA.
 
+    train.run(tables, rnd, cfg)      # the stage: the round's pairs, output under the round's folder
+
     from tao_spark.train import train_on_pairs
     result = train_on_pairs(pairs, "/models/smollm2-135m-instruct", "/tmp/round-1/train", cfg.train, spark=spark)
     result.merged_dir, result.metrics["rewards/accuracies"]
@@ -28,6 +30,10 @@ from tao_spark.config import TrainConfig
 if TYPE_CHECKING:
     import pandas as pd
     from pyspark.sql import SparkSession
+
+    from tao_spark.config import Config
+    from tao_spark.rounds import Round, StageResult
+    from tao_spark.tables import Tables
 
 DEEPSPEED_CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "deepspeed"
 PAIR_COLUMNS = {"dpo": ("prompt", "chosen", "rejected"), "sft": ("prompt", "chosen")}
@@ -99,6 +105,30 @@ def distributor_for(cfg: TrainConfig, deepspeed_config: str | None) -> Any:
     from pyspark.ml.torch.distributor import TorchDistributor
 
     return TorchDistributor(num_processes=cfg.num_processes, local_mode=cfg.local_mode, use_gpu=cfg.use_gpu)
+
+
+def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
+    """The train stage: the round's policy tuned on its preference pairs; output under the round's folder."""
+    import pandas as pd
+    from pyspark.sql import functions as F
+
+    from tao_spark.rounds import StageResult, folder, policy, split
+
+    train_prompts = split(tables, rnd, cfg)[0]
+    prefs = (tables.read("preferences").where(F.col("round_id") == rnd.round_id)
+             .join(train_prompts.select("prompt_id", F.to_json("messages").alias("messages_json")), "prompt_id")
+             .select("prompt_id", "messages_json", "chosen", "rejected", "margin").orderBy("prompt_id").toPandas())
+    if prefs.empty:
+        raise RuntimeError(f"round {rnd.round_id}: no preference pairs to train on "
+                           f"(lower select.min_margin or raise generate.n)")
+    pairs = pd.DataFrame({"prompt": [json.loads(x) for x in prefs.messages_json], "chosen": prefs.chosen,
+                          "rejected": prefs.rejected})
+    _, base_path, _ = policy(cfg, rnd.base_model)
+    result = train_on_pairs(pairs, base_path, str(folder(cfg, rnd) / "train"), cfg.train, seed=cfg.generate.seed,
+                            spark=tables.spark)
+    return StageResult(fields={"tuned_model": result.merged_dir or result.adapter_dir},
+                       metrics={**{f"train_{k}": v for k, v in result.metrics.items()},
+                                "train_loss_history": result.loss_history, "train_curves": result.curves})
 
 
 def train_on_pairs(pairs: pd.DataFrame, model_path: str, out_dir: str, cfg: TrainConfig, *, seed: int = 0,

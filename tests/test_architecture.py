@@ -23,3 +23,16 @@ def test_every_table_is_documented_with_its_key_and_columns() -> None:
     for name, (key, cols) in doc.items():
         assert tuple(key) == KEYS[name], name
         assert key + cols == columns(name), name
+
+
+def test_every_stage_has_the_same_entry() -> None:
+    import inspect
+
+    from tao_spark import loop
+    from tao_spark.rounds import STAGES
+
+    assert tuple(loop.STAGES) == STAGES
+    for name, run in loop.STAGES.items():
+        assert run.__name__ == "run", name
+        assert list(inspect.signature(run).parameters) == ["tables", "rnd", "cfg"], name
+        assert inspect.signature(run).return_annotation in ("StageResult", "rounds.StageResult"), name

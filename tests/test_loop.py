@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from pyspark.sql import functions as F
 
-from tao_spark import loop
+from tao_spark import locks, loop, rounds
 from tao_spark.config import load_config
 from tao_spark.ingest import ingest
 from tao_spark.tables import SCHEMAS, Tables, columns
@@ -69,7 +69,14 @@ def test_two_rounds_on_a_growing_log_reuse_work(spark, tmp_path, tiny_model):
     # Forgetting check on the first round's held-out sample, recorded and gated on.
     assert r2.metrics["forgetting_prompts"] == 4 and "forgetting" in r2.metrics
 
-    hist = loop.history(tables)
+    # Each stage recorded the Delta version it wrote: reading that version gives back the round's rows.
+    at = r2.metrics["table_versions"]
+    assert set(at) >= {"candidates", "scores", "preferences", "evaluations"}
+    kept = tables.read("candidates", version=at["candidates"]).where(F.col("round_id") == r2.round_id)
+    assert kept.count() == tables.read("candidates").where(F.col("round_id") == r2.round_id).count()
+    assert tables.read("evaluations", version=at["evaluations"]).where(F.col("round_id") == r2.round_id).count() > 0
+
+    hist = rounds.history(tables)
     assert list(hist.round_id) == [r1.round_id, r2.round_id]
     assert list(hist.new_prompts) == [60, 6] and hist.reused_candidates.iloc[1] == r1.new_candidates
 
@@ -83,14 +90,14 @@ def test_mix_latest_and_recency(spark, tmp_path, tiny_model):
     v1 = tables.snapshot("prompts")
     ingest(spark, tables, [_slice(tmp_path, "new.jsonl", 0, 50)], cfg.ingest)
     v2 = tables.snapshot("prompts")
-    rnd = loop.Round("r", "started", v2, "m", "m", datetime.now(timezone.utc), previous_version=v1, first_version=v1)
+    rnd = rounds.Round("r", "started", v2, "m", "m", datetime.now(timezone.utc), previous_version=v1, first_version=v1)
 
-    latest = loop.split(tables, rnd, load_config(_config_file(tmp_path), _loop_overrides(tmp_path, tiny_model)
+    latest = rounds.split(tables, rnd, load_config(_config_file(tmp_path), _loop_overrides(tmp_path, tiny_model)
                                                  + ["loop.mix=latest"]))[0]
     assert latest.where(F.col("prompt").startswith("old ")).count() == 0 and latest.count() > 30
-    every = loop.split(tables, rnd, cfg)[0]
+    every = rounds.split(tables, rnd, cfg)[0]
     assert every.where(F.col("prompt").startswith("old ")).count() > 100
-    recent = loop.split(tables, rnd, load_config(_config_file(tmp_path), _loop_overrides(tmp_path, tiny_model)
+    recent = rounds.split(tables, rnd, load_config(_config_file(tmp_path), _loop_overrides(tmp_path, tiny_model)
                                                  + ["loop.mix=recency", "loop.half_life_days=365"]))[0]
     kept_old = recent.where(F.col("prompt").startswith("old ")).count()
     # ~7 years old at a one-year half-life: kept with probability ~1%; today's prompts all kept.
@@ -98,18 +105,31 @@ def test_mix_latest_and_recency(spark, tmp_path, tiny_model):
 
 
 def test_lock_is_exclusive_and_expires(tables):
-    holder = loop.acquire(tables, "round", 600)
-    with pytest.raises(loop.Busy, match="in progress"):
-        loop.acquire(tables, "round", 600)
-    loop.release(tables, "round", holder)
-    again = loop.acquire(tables, "round", 600)
-    loop.release(tables, "round", again)
+    holder = locks.acquire(tables, "round", 600)
+    with pytest.raises(locks.Busy, match="in progress"):
+        locks.acquire(tables, "round", 600)
+    locks.release(tables, "round", holder)
+    again = locks.acquire(tables, "round", 600)
+    locks.release(tables, "round", again)
     # A holder that died: its lease ran out, so it no longer blocks.
     past = datetime.now(timezone.utc) - timedelta(hours=2)
     dead = pd.DataFrame([{"name": "round", "holder": "dead", "acquired_at": past,
                           "expires_at": past + timedelta(hours=1)}], columns=columns("locks"))
     tables.merge("locks", tables.spark.createDataFrame(dead, SCHEMAS["locks"]))
-    loop.release(tables, "round", loop.acquire(tables, "round", 600))
+    locks.release(tables, "round", locks.acquire(tables, "round", 600))
+
+
+def test_release_binds_its_values_so_quotes_cannot_change_the_statement(tables):
+    now = datetime.now(timezone.utc)
+    names = ["round", "it's", 'say "hi"', "back\\slash", "x' OR '1'='1"]
+    rows = pd.DataFrame([{"name": n, "holder": h, "acquired_at": now, "expires_at": now + timedelta(hours=1)}
+                         for n in names for h in ("a", "b'--")], columns=columns("locks"))
+    tables.merge("locks", tables.spark.createDataFrame(rows, SCHEMAS["locks"]))
+    for n in names[1:]:
+        locks.release(tables, n, "b'--")
+    left = {(r.name, r.holder) for r in tables.read("locks").collect()}
+    # Exactly the named rows went; an injected OR matched nothing else.
+    assert left == {(n, "a") for n in names} | {("round", "b'--")}
 
 
 @pytest.mark.integration

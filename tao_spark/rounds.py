@@ -1,0 +1,205 @@
+"""The ``rounds`` record: one row per TAO round, what it is pinned to and where it got to.
+
+    from tao_spark import rounds
+    rnd = rounds.load(tables, "r20261201-101500-ab12cd")
+    train, holdout = rounds.split(tables, rnd, cfg)
+
+A round pins one version of the prompt log; every stage reads its prompts through ``split`` on that
+version, so a stage re-run after a crash, or on another machine, sees exactly the prompts the round started
+with. A stage returns a ``StageResult``; the loop folds it into the round and saves the row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from tao_spark.config import Config, git_commit
+from tao_spark.models import model_id, resolve_model
+from tao_spark.tables import SCHEMAS, Tables, columns
+
+STAGES = ("generate", "score", "select", "train", "evaluate", "register")
+HOLDOUT_BUCKETS = 10_000
+
+
+@dataclasses.dataclass
+class Round:
+    """A row of ``rounds``: the round's pins and progress."""
+
+    round_id: str
+    status: str
+    prompts_version: int
+    base_model: str
+    baseline_model: str
+    started_at: datetime
+    previous_version: int | None = None  # the last finished round's snapshot: what "new prompts" are new against
+    first_version: int | None = None  # the first round's snapshot: its held-out prompts are the forgetting check
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    new_prompts: int | None = None
+    reused_candidates: int = 0
+    new_candidates: int = 0
+    pairs: int | None = None
+    policy_id: str | None = None
+    tuned_model: str | None = None
+    mlflow_run_id: str | None = None
+    model_version: str | None = None
+    promoted: bool | None = None
+    gate_reason: str | None = None
+    n_prompts: int | None = None
+    n_train: int | None = None
+    n_holdout: int | None = None
+    finished_at: datetime | None = None
+
+    def done(self, stage: str) -> bool:
+        return self.status == "done" or (self.status in STAGES and STAGES.index(self.status) >= STAGES.index(stage))
+
+
+@dataclasses.dataclass
+class StageResult:
+    """What a stage did: ``fields`` of the round's row it sets, ``counts`` and ``metrics`` for the round's
+    metrics (and MLflow), and the Delta ``versions`` of the tables it wrote."""
+
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    versions: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def versions(tables: Tables, *names: str) -> dict[str, int]:
+    """The current Delta version of each table a stage wrote, for the round's record."""
+    return {n: tables.snapshot(n) for n in names if tables.exists(n)}
+
+
+def save(tables: Tables, rnd: Round, cfg: Config) -> None:
+    row = {**dataclasses.asdict(rnd), "metrics": json.dumps(rnd.metrics, default=float),
+           "config_hash": cfg.digest(), "git_commit": git_commit()}
+    pdf = pd.DataFrame([row], columns=columns("rounds"))
+    tables.merge("rounds", tables.spark.createDataFrame(pdf, SCHEMAS["rounds"]), update=True)
+
+
+def load(tables: Tables, round_id: str) -> Round:
+    rows = tables.read("rounds").where(F.col("round_id") == round_id).collect()
+    if not rows:
+        raise LookupError(f"no round {round_id!r} in rounds")
+    d = rows[0].asDict()
+    fields = {f.name for f in dataclasses.fields(Round)}
+    return Round(**{**{k: v for k, v in d.items() if k in fields}, "metrics": json.loads(d["metrics"] or "{}")})
+
+
+def latest_open(tables: Tables) -> Round | None:
+    if not tables.exists("rounds"):
+        return None
+    rows = (tables.read("rounds").where(F.col("status") != "done").orderBy(F.desc("started_at"))
+            .select("round_id").limit(1).collect())
+    return load(tables, rows[0].round_id) if rows else None
+
+
+def finished(tables: Tables) -> list[Round]:
+    """Finished rounds, oldest first."""
+    if not tables.exists("rounds"):
+        return []
+    rows = tables.read("rounds").where(F.col("status") == "done").orderBy("started_at").select("round_id").collect()
+    return [load(tables, r.round_id) for r in rows]
+
+
+def count_new(tables: Tables, version: int, since: int | None) -> int:
+    """Prompts in ``prompts@version`` that were not in ``prompts@since`` (all of them when since is None)."""
+    now = tables.read("prompts", version=version).select("prompt_id")
+    if since is None:
+        return now.count()
+    return now.join(tables.read("prompts", version=since).select("prompt_id"), "prompt_id", "left_anti").count()
+
+
+def _uniform(col: str, salt: str = "") -> Any:
+    """A stable pseudo-random number in [0, 1) per prompt_id."""
+    h = F.sha2(F.concat(F.lit(salt), F.col(col)), 256) if salt else F.col(col)
+    return (F.conv(F.substring(h, 1, 8), 16, 10).cast("long") % HOLDOUT_BUCKETS) / HOLDOUT_BUCKETS
+
+
+def is_holdout(cfg: Config) -> Any:
+    # By prompt_id, never by row order: a prompt stays on its side of the split in every round.
+    return _uniform("prompt_id") < cfg.evaluate.holdout_fraction
+
+
+def split(tables: Tables, rnd: Round, cfg: Config) -> tuple[DataFrame, DataFrame]:
+    """Training and held-out prompts of the pinned snapshot, training prompts mixed by ``loop.mix``."""
+    prompts = tables.read("prompts", version=rnd.prompts_version)
+    train, holdout = prompts.where(~is_holdout(cfg)), prompts.where(is_holdout(cfg))
+    if cfg.loop.mix == "latest" and rnd.previous_version is not None:
+        seen = tables.read("prompts", version=rnd.previous_version).select("prompt_id")
+        train = train.join(seen, "prompt_id", "left_anti")
+    elif cfg.loop.mix == "recency":
+        age_days = (F.unix_timestamp(F.lit(rnd.started_at)) - F.unix_timestamp("received_at")) / 86400.0
+        keep = F.pow(F.lit(0.5), F.greatest(age_days, F.lit(0.0)) / cfg.loop.half_life_days)
+        train = train.where(_uniform("prompt_id", "recency") < keep)
+    # Ordering by prompt_id is a stable pseudo-random order, so a cap takes the same prompts every time.
+    if cfg.generate.max_prompts:
+        train = train.orderBy("prompt_id").limit(cfg.generate.max_prompts)
+    if cfg.evaluate.max_prompts:
+        holdout = holdout.orderBy("prompt_id").limit(cfg.evaluate.max_prompts)
+    if rnd.first_version is None or rnd.first_version == rnd.prompts_version:
+        return train, holdout  # the first round: no earlier held-out prompts to re-check
+    return train, holdout.unionByName(forgetting_sample(tables, rnd, cfg)).dropDuplicates(["prompt_id"])
+
+
+def forgetting_sample(tables: Tables, rnd: Round, cfg: Config) -> DataFrame:
+    """A fixed sample of the first round's held-out prompts, evaluated again in every later round."""
+    first = tables.read("prompts", version=rnd.first_version if rnd.first_version is not None
+                        else rnd.prompts_version)
+    return first.where(is_holdout(cfg)).orderBy("prompt_id").limit(cfg.loop.forgetting_prompts)
+
+
+def policy(cfg: Config, uri: str) -> tuple[str, str, str]:
+    """A model URI of the round as (uri, local path, policy id)."""
+    path = resolve_model(uri, cfg.home, cfg.tracking_uri, cfg.registry_uri)
+    return uri, path, model_id(path)
+
+
+def folder(cfg: Config, rnd: Round) -> Path:
+    """The round's files under ``home`` (shared storage on a cluster): training output, checkpoints."""
+    return Path(cfg.home) / "rounds" / rnd.round_id
+
+
+def history(tables: Tables) -> pd.DataFrame:
+    """One row per round with the figures a person compares across rounds."""
+    if not tables.exists("rounds"):
+        return pd.DataFrame()
+    pdf = tables.read("rounds").orderBy("started_at").toPandas()
+    metrics = [json.loads(m or "{}") for m in pdf.metrics]
+    out = pdf[["round_id", "status", "prompts_version", "new_prompts", "reused_candidates", "new_candidates",
+               "pairs", "promoted", "model_version"]].copy()
+    for key in ("eval_win_rate", "eval_win_rate_low", "eval_win_rate_high", "eval_champion_reward",
+                "eval_challenger_reward", "forgetting"):
+        out[key.removeprefix("eval_")] = [m.get(key) for m in metrics]
+    return out
+
+
+def history_figure(frame: pd.DataFrame) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = frame[frame.status == "done"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    x = range(1, len(done) + 1)
+    a.plot(x, done.win_rate, marker="o", label="win rate")
+    a.fill_between(x, done.win_rate_low, done.win_rate, alpha=0.2, label="to interval low end")
+    a.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    a.set_xlabel("round")
+    a.set_ylabel("challenger win rate")
+    a.legend()
+    b.plot(x, done.champion_reward, marker="o", label="baseline")
+    b.plot(x, done.challenger_reward, marker="o", label="tuned")
+    b.set_xlabel("round")
+    b.set_ylabel("mean reward, held-out")
+    b.legend()
+    fig.tight_layout()
+    return fig
