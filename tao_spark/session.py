@@ -28,7 +28,11 @@ def _start_sail() -> str:
     global _server, start_seconds
     if _server is None:
         os.environ.setdefault("RUST_LOG", "error")  # Sail logs every session at INFO otherwise
-        from pysail.spark import SparkConnectServer
+        try:
+            from pysail.spark import SparkConnectServer
+        except ImportError:
+            raise RuntimeError("the embedded engine needs pysail: pip install 'tao_spark[local]', or point "
+                               "spark.master / spark.remote at a Spark of your own") from None
 
         t0 = time.perf_counter()
         server = SparkConnectServer(ip="127.0.0.1", port=0)
@@ -46,9 +50,13 @@ DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
 
 def delta_package() -> str:
     """The Maven coordinate of delta-spark's jars matching the installed ``delta-spark`` Python package."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return f"io.delta:delta-spark_2.13:{version('delta-spark')}"
+    try:
+        return f"io.delta:delta-spark_2.13:{version('delta-spark')}"
+    except PackageNotFoundError:
+        raise RuntimeError("Delta on JVM Spark needs delta-spark: pip install 'tao_spark[jvm]', or give its jars "
+                           "in spark.jars") from None
 
 
 def delta_conf(conf: dict[str, str], shuffle_partitions: int) -> dict[str, str]:

@@ -51,6 +51,8 @@ SCHEMAS: dict[str, str] = {
         "created_at timestamp"
     ),
     "locks": "name string, holder string, acquired_at timestamp, expires_at timestamp",
+    # How far each inference table has been ingested: the next run reads only later commits.
+    "ingest_watermarks": "source string, version long, rows long, batch_id string, updated_at timestamp",
     # Pairwise preferences from outside the loop (human labels, another system's logs): reward-model training data.
     "preference_pairs": (
         "pair_id string, prompt_id string, task string, messages array<struct<role:string,content:string>>, "
@@ -90,6 +92,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "evaluations": ("round_id", "prompt_id"),
     "rounds": ("round_id",),
     "locks": ("name", "holder"),
+    "ingest_watermarks": ("source",),
     "preference_pairs": ("pair_id",),
     "serving_log": ("request_id",),
     "feedback": ("request_id",),

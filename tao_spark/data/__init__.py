@@ -1,5 +1,8 @@
-"""Data that ships with the package: the sample prompt log (see README.md here for how it is built)."""
+"""Data that ships with the package: the sample prompt log and inference table (README.md here: how they are built)."""
 
 from pathlib import Path
 
 SAMPLE_PROMPTS = Path(__file__).with_name("prompts.jsonl")
+# A Model Serving inference table in the AI Gateway payload schema (Delta, Change Data Feed on); see
+# build_inference_table.py.
+SAMPLE_INFERENCE_TABLE = Path(__file__).with_name("acme_assistant_payload")
