@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tao_spark.config import Config, ConfigError, default_config_path, load_config
+from tao_spark.config import Config, ConfigError, UserError, default_config_path, load_config
 
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 Handler = Callable[[argparse.Namespace, Config], int]
@@ -419,6 +419,7 @@ def _cluster(a: argparse.Namespace, cfg: Config) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tao", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML config (default: conf/local.yaml or $TAO_CONFIG)")
+    parser.add_argument("--debug", action="store_true", help="a traceback instead of one line for usage errors")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help, _, add_args) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)
@@ -440,11 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"tao: config error: {e}", file=sys.stderr)
         return 2
-    from tao_spark.models import ModelNotFound
-
     try:
         return COMMANDS[args.command][1](args, cfg)
-    except ModelNotFound as e:
+    except UserError as e:
+        if args.debug:
+            raise
         print(f"tao {args.command}: {e}", file=sys.stderr)
         return 2
 

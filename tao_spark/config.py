@@ -29,6 +29,11 @@ class ConfigError(ValueError):
     """A config value is missing, unknown or out of range; the message names the dotted key."""
 
 
+class UserError(RuntimeError):
+    """A command run in a state it cannot work in. The message says what is missing and the command that fixes
+    it; the CLI prints it as one line (a traceback only with ``--debug``)."""
+
+
 def _f(default: Any, help: str) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})

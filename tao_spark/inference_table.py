@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 from pyspark.sql import SparkSession
 
-from tao_spark.config import IngestConfig
+from tao_spark.config import IngestConfig, UserError
 from tao_spark.ingest import IngestResult, Reject, _frame, append, build_row
 from tao_spark.tables import Tables, _quote, is_jvm_spark
 
@@ -138,6 +138,12 @@ class Source:
             raise ValueError(f"{name}: a catalog table needs JVM Spark (spark.master or spark.remote); "
                              "on the embedded engine give the table's path")
         self.ref = f"delta.`{name}`" if is_path(name) else _quote(name)
+        if is_path(name) and "://" not in name:
+            from deltalake import DeltaTable
+
+            if not DeltaTable.is_deltatable(name):
+                raise UserError(f"{name}: no Delta table there (give an inference table's path or, on JVM Spark, "
+                                "its catalog name)")
 
     def version(self) -> int:
         if self.jvm:

@@ -14,10 +14,11 @@ from datetime import datetime, timedelta, timezone
 import pandas as pd
 from pyspark.sql import functions as F
 
+from tao_spark.config import UserError
 from tao_spark.tables import SCHEMAS, Tables, columns
 
 
-class Busy(RuntimeError):
+class Busy(UserError):
     """Another process holds the lock."""
 
 

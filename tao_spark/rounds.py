@@ -21,9 +21,14 @@ import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from tao_spark.config import Config, git_commit
+from tao_spark.config import Config, UserError, git_commit
 from tao_spark.models import model_id, resolve_model
 from tao_spark.tables import SCHEMAS, Tables, columns
+
+
+class RoundNotFound(UserError, LookupError):
+    """A round id that ``rounds`` does not have."""
+
 
 STAGES = ("generate", "score", "select", "train", "evaluate", "register")
 HOLDOUT_BUCKETS = 10_000
@@ -87,7 +92,7 @@ def save(tables: Tables, rnd: Round, cfg: Config) -> None:
 def load(tables: Tables, round_id: str) -> Round:
     rows = tables.read("rounds").where(F.col("round_id") == round_id).collect()
     if not rows:
-        raise LookupError(f"no round {round_id!r} in rounds")
+        raise RoundNotFound(f"no round {round_id!r} in rounds: `tao status` lists the rounds")
     d = rows[0].asDict()
     fields = {f.name for f in dataclasses.fields(Round)}
     return Round(**{**{k: v for k, v in d.items() if k in fields}, "metrics": json.loads(d["metrics"] or "{}")})

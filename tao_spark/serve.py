@@ -546,10 +546,24 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            from tao_spark.config import UserError
+
+            raise UserError(f"port {port} on {host} is in use ({e.strerror}): stop what holds it, or pass "
+                            "--port N") from None
+
+
 def serve(cfg: Config, tables: Tables | None) -> None:
     """Run the server until interrupted (the ``tao serve`` command)."""
     import uvicorn
 
+    _check_port(cfg.serve.host, cfg.serve.port)  # before the model loads: a taken port fails in a second
     service = Service(cfg, tables if cfg.serve.capture else None)
     print(f"tao serve: http://{cfg.serve.host}:{cfg.serve.port}/v1  arms: "
           f"{ {a: e.version for a, e in service.models.engines.items()} }  capture: {service.capture}",

@@ -20,7 +20,7 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tao_spark.config import is_namespace
+from tao_spark.config import UserError, is_namespace
 
 if TYPE_CHECKING:  # types only: SCHEMAS and columns serve the workers, which may run where pyspark is absent
     from pyspark.sql import DataFrame, SparkSession
@@ -154,8 +154,15 @@ def columns(name: str) -> list[str]:
     return [p.strip().split(" ")[0] for p in parts]
 
 
-class TableNotFound(LookupError):
+class TableNotFound(UserError, LookupError):
     """A table that no stage has written yet."""
+
+
+# What writes each table first: the command a user who reads an empty one should run.
+MADE_BY = {"prompts": "tao ingest FILE (or --table NAME)",
+           "preference_pairs": "tao ingest-preferences FILE (the bundled set: tao_spark/data/preferences.jsonl)",
+           "rounds": "tao round", "candidates": "tao generate", "scores": "tao score", "preferences": "tao select",
+           "evaluations": "tao evaluate", "serving_log": "tao serve", "feedback": "tao serve (POST /v1/feedback)"}
 
 
 class Tables:
@@ -225,7 +232,8 @@ class Tables:
 
     def _require(self, name: str) -> None:
         if not self.exists(name):
-            raise TableNotFound(f"table {name!r} does not exist yet in {self.root}")
+            fix = f": run `{MADE_BY[name]}` first" if name in MADE_BY else ""
+            raise TableNotFound(f"table {name!r} does not exist yet in {self.root}{fix}")
 
     def snapshot(self, name: str) -> int:
         """The current Delta version of ``name``: what a stage pins for lineage."""

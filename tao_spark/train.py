@@ -112,6 +112,7 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
     import pandas as pd
     from pyspark.sql import functions as F
 
+    from tao_spark.config import UserError
     from tao_spark.rounds import StageResult, folder, policy, split
 
     train_prompts = split(tables, rnd, cfg)[0]
@@ -119,7 +120,7 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
              .join(train_prompts.select("prompt_id", F.to_json("messages").alias("messages_json")), "prompt_id")
              .select("prompt_id", "messages_json", "chosen", "rejected", "margin").orderBy("prompt_id").toPandas())
     if prefs.empty:
-        raise RuntimeError(f"round {rnd.round_id}: no preference pairs to train on "
+        raise UserError(f"round {rnd.round_id}: no preference pairs to train on "
                            f"(lower select.min_margin or raise generate.n)")
     pairs = pd.DataFrame({"prompt": [json.loads(x) for x in prefs.messages_json], "chosen": prefs.chosen,
                           "rejected": prefs.rejected})

@@ -1,0 +1,65 @@
+"""A command run in a state it cannot work in says what is missing and what fixes it, in one line, and exits 2."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from tao_spark.config import SparkConfig, default_config_path, load_config
+from tao_spark.rounds import Round, save
+from tao_spark.session import get_spark
+from tao_spark.tables import Tables
+
+
+def _tao(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TAO_HOME": str(home), "TAO_API_KEYS": "k"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "tao_spark.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=180)
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["round"], "tao round: no prompts yet: run `tao ingest FILE` (or `tao ingest --table NAME`) first"),
+    (["train-reward"], "run `tao ingest-preferences FILE (the bundled set: tao_spark/data/preferences.jsonl)` first"),
+    (["generate", "--round", "r-nope"], "table 'rounds' does not exist yet"),
+    (["ingest", "--table", "/nowhere/x_payload"], "tao ingest: /nowhere/x_payload: no Delta table there"),
+], ids=["round-without-prompts", "train-reward-without-pairs", "stage-without-rounds", "missing-inference-table"])
+def test_a_fresh_home_gets_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
+    r = _tao(tmp_path / "home", *args)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert expected in r.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in r.stderr
+
+
+def test_an_unknown_round_id_and_debug(tmp_path: Path) -> None:
+    from tao_spark.data import SAMPLE_PROMPTS
+
+    home = tmp_path / "home"
+    assert _tao(home, "ingest", str(SAMPLE_PROMPTS)).returncode == 0
+    # A rounds table with another round in it: the id itself is unknown.
+    cfg = load_config(default_config_path(), [f"home={home}"])
+    tables = Tables(get_spark(SparkConfig(shuffle_partitions=2)), cfg.lakehouse)
+    save(tables, Round("r-other", "started", 1, "m", "m", datetime.now(timezone.utc)), cfg)
+    r = _tao(home, "score", "--round", "r-nope")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "tao score: no round 'r-nope' in rounds: `tao status` lists the rounds")
+    # --debug keeps the traceback for whoever needs it.
+    d = _tao(home, "--debug", "score", "--round", "r-nope")
+    assert d.returncode != 0 and "Traceback" in d.stderr and "RoundNotFound" in d.stderr
+
+
+def test_a_port_in_use_is_one_line_before_any_model_loads(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = _tao(tmp_path / "home", "serve", "--port", str(port), "serve.capture=false", "serve.host=127.0.0.1")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"tao serve: port {port} on 127.0.0.1 is in use")
+    assert "Traceback" not in r.stderr
