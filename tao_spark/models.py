@@ -164,7 +164,8 @@ def _convert_bundled(out: Path) -> None:
     # A GGUF-loaded model refuses save_pretrained (its config carries a GGUF quantization_config), so rebuild a
     # plain model from the config without it and move the dequantized weights over.
     config = loaded.config
-    del config.quantization_config
+    if hasattr(config, "quantization_config"):  # transformers 5 sets it; 4.x keeps GGUF out of the config
+        del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config

@@ -249,8 +249,8 @@ def train_worker(spec: dict[str, Any]) -> None:
     """One torchrun process: train the LoRA adapter; rank 0 saves adapter, merged model and metrics to out_dir."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     if not spec["use_gpu"]:
         # torchrun sets OMP_NUM_THREADS=1 with several processes; give each process its share of the cores.
@@ -261,19 +261,26 @@ def train_worker(spec: dict[str, Any]) -> None:
     with open(spec["pairs_path"]) as f:
         dataset = Dataset.from_list([json.loads(line) for line in f])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
+    if tokenizer.pad_token is None:  # transformers 4.x tokenizers may have none; TRL pads batches
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
-    peft_config = LoraConfig(task_type="CAUSAL_LM", **spec["lora"])
+    # The adapter is made here, right after seeding, rather than by the trainer: the same seed gives the same
+    # LoRA init whatever order a TRL version seeds and wraps in.
+    set_seed(int(spec["args"].get("seed", 0)))
+    if spec["args"].get("gradient_checkpointing"):
+        model.enable_input_require_grads()  # the frozen base's inputs carry no grad otherwise
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **spec["lora"]))
     if spec["method"] == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         # With a PEFT model and no ref_model, TRL's reference is the same model with the adapter disabled.
         trainer: Any = DPOTrainer(model=model, args=DPOConfig(**spec["args"]), train_dataset=dataset,
-                                  processing_class=tokenizer, peft_config=peft_config)
+                                  processing_class=tokenizer)
     else:
         from trl import SFTConfig, SFTTrainer
 
         trainer = SFTTrainer(model=model, args=SFTConfig(**spec["args"]), train_dataset=dataset,
-                             processing_class=tokenizer, peft_config=peft_config)
+                             processing_class=tokenizer)
     result = trainer.train()
     # save_model runs on every rank (ZeRO-3 gathers the sharded adapter there) and writes on rank 0 only.
     trainer.save_model(str(out / "adapter"))

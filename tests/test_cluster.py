@@ -354,3 +354,41 @@ def test_catalog_tables_by_name_over_spark_connect(local_cluster: tuple[cluster.
     (ds,) = MlflowClient().get_run(rnd["mlflow_run_id"]).inputs.dataset_inputs
     source = json.loads(ds.dataset.source)
     assert source["delta_table_name"] == "tao_test.prompts" and source["delta_table_version"] == v
+
+
+def test_inference_table_by_name_incrementally_over_spark_connect(local_cluster: tuple[cluster.ClusterState, Path],
+                                                                  tmp_path: Path) -> None:
+    """``tao ingest --table catalog.name`` on JVM Spark: the snapshot first, then only the rows appended since,
+    read through the table's Change Data Feed."""
+    from pyspark.sql import SparkSession
+
+    from tao_spark.data import SAMPLE_INFERENCE_TABLE
+    from tests.test_inference_table import REASONS
+
+    state, _ = local_cluster
+    home, conf = tmp_path / "home", _config_file(tmp_path)
+    spark = SparkSession.builder.remote(state.connect_url).getOrCreate()
+    spark.sql("CREATE SCHEMA IF NOT EXISTS serving_it").collect()
+    spark.sql("CREATE OR REPLACE TABLE serving_it.acme_assistant_payload USING DELTA "
+              "TBLPROPERTIES (delta.enableChangeDataFeed = true) "
+              f"AS SELECT * FROM delta.`{SAMPLE_INFERENCE_TABLE}`").collect()
+    over = [f"spark.remote={state.connect_url}", "lakehouse=tao_it"]
+    runs = []
+    for append in (0, 0, 20):
+        if append:
+            late_request = ("concat('{\"messages\": [{\"role\": \"user\", \"content\": \"late question ', "
+                            "databricks_request_id, '?\"}]}')")
+            spark.sql("INSERT INTO serving_it.acme_assistant_payload SELECT concat('late-', databricks_request_id), "
+                      "client_request_id, request_date, request_time, 200, sampling_fraction, execution_duration_ms, "
+                      f"{late_request}, response, CAST(array() AS array<string>), served_entity_id, requester "
+                      f"FROM serving_it.acme_assistant_payload ORDER BY databricks_request_id LIMIT {append}").collect()
+        r = _tao(["ingest", "--table", "serving_it.acme_assistant_payload", "--json", *over], home, conf)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs.append((json.loads(r.stdout.strip().splitlines()[-1]), r.stderr))
+    (first, _), (second, _), (third, log) = runs
+    assert first["offered"] == first["source_rows"] == 305 and first["reasons"] == REASONS
+    assert first["offered"] == first["accepted"] + first["duplicates"] + first["quarantined"]
+    assert second["source_rows"] == second["offered"] == 0
+    assert third["source_rows"] == third["accepted"] == 20 and "change data feed" in log
+    assert spark.sql("SELECT count(*) AS n FROM tao_it.prompts").first().n == first["accepted"] + 20
+    assert spark.sql("SELECT version FROM tao_it.ingest_watermarks").first().version == third["source_version"]

@@ -68,6 +68,8 @@ def test_greedy_matches_model_generate(gen: TransformersGenerator) -> None:
     tok = gen.tokenizer
     prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in CHATS]
     tok.padding_side = "left"
+    if tok.pad_token is None:  # transformers 4.x leaves it unset
+        tok.pad_token = tok.eos_token
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.inference_mode():
         ref = gen.model.generate(**enc, do_sample=False, max_new_tokens=8, eos_token_id=gen.stop_ids,
