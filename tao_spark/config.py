@@ -191,6 +191,8 @@ class TrainConfig:
     lora_target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                         "modules that get adapters")
     merge: bool = _f(True, "also save a merged model (same inference cost as the base)")
+    checkpoint_steps: int = _f(10, "save adapter, optimizer, scheduler, RNG and data position every N optimizer "
+                                   "steps into the round's folder; a re-run resumes from the last (0: never)")
     trl: dict[str, Any] = _f({}, "passed straight to DPOConfig / SFTConfig")
 
     def __post_init__(self) -> None:
@@ -198,6 +200,7 @@ class TrainConfig:
         _check(self.backend in ("torch", "deepspeed"), "train.backend", "torch or deepspeed")
         _check(self.num_processes >= 1, "train.num_processes", "must be >= 1")
         _check(self.lora_r >= 1, "train.lora_r", "must be >= 1")
+        _check(self.checkpoint_steps >= 0, "train.checkpoint_steps", "must be >= 0")
         _check(0 <= self.lora_dropout < 1, "train.lora_dropout", "must be in [0, 1)")
         _check(not (self.backend == "deepspeed" and not self.use_gpu), "train.backend",
                "deepspeed needs train.use_gpu=true (DeepspeedTorchDistributor refuses CPU)")

@@ -60,8 +60,7 @@ class IngestResult:
 
     def to_json(self) -> dict[str, Any]:
         out = {"batch_id": self.batch_id, "offered": self.offered, "accepted": self.accepted,
-               "duplicates": self.duplicates, "quarantined": self.quarantined, f"{self.table}_version": self.version,
-               "reasons": self.reasons}
+               "duplicates": self.duplicates, "quarantined": self.quarantined, f"{self.table}_version": self.version}
         if self.source_version is not None:
             out.update(source_version=self.source_version, source_rows=self.source_rows)
         return out

@@ -87,6 +87,10 @@ def training_args(cfg: TrainConfig, out_dir: str, seed: int = 0, deepspeed_confi
     )
     if deepspeed_config is not None:
         args["deepspeed"] = deepspeed_config
+    if cfg.checkpoint_steps:
+        # The trainer's own checkpoints (DeepSpeed's format on that backend): adapter, optimizer, scheduler, RNG
+        # states and the step, from which it resumes at the same batch. One kept: a resume needs only the last.
+        args.update(save_strategy="steps", save_steps=cfg.checkpoint_steps, save_total_limit=1)
     args.update(cfg.trl)
     return args
 
@@ -191,6 +195,7 @@ def train_on_pairs(pairs: pd.DataFrame, model_path: str, out_dir: str, cfg: Trai
         "use_gpu": cfg.use_gpu,
         "args": training_args(cfg, str(out), seed, deepspeed_config),
     }
+    _drop_stale_checkpoints(out, spec)
     # The torchrun workers unpickle train_worker; shipping this module by value means they need not have
     # tao_spark installed (a source checkout, or an executor image without our wheel).
     module = sys.modules[__name__]
@@ -209,6 +214,21 @@ def train_on_pairs(pairs: pd.DataFrame, model_path: str, out_dir: str, cfg: Trai
     metrics = {**report["metrics"], "wall_s": wall_s}
     return TrainResult(adapter_dir=str(out / "adapter"), merged_dir=str(out / "merged") if cfg.merge else None,
                        metrics=metrics, loss_history=report["loss_history"], curves=report.get("curves", {}))
+
+
+def _drop_stale_checkpoints(out: Path, spec: dict[str, Any]) -> None:
+    """Checkpoints resume only the training they came from: the same pairs, model and arguments."""
+    import hashlib
+    import shutil
+
+    digest = hashlib.sha256(Path(spec["pairs_path"]).read_bytes())
+    digest.update(json.dumps({k: v for k, v in spec.items() if k != "pairs_path"}, sort_keys=True,
+                             default=str).encode())
+    trainer_dir, stamp = Path(spec["args"]["output_dir"]), out / "checkpoint.sha256"
+    if stamp.exists() and stamp.read_text() != digest.hexdigest() and trainer_dir.exists():
+        print(f"tao: train: pairs or arguments changed; dropping the checkpoints in {trainer_dir}", file=sys.stderr)
+        shutil.rmtree(trainer_dir)
+    stamp.write_text(digest.hexdigest())
 
 
 def _records(pairs: pd.DataFrame, method: str) -> list[dict[str, Any]]:
@@ -249,7 +269,7 @@ def train_worker(spec: dict[str, Any]) -> None:
     """One torchrun process: train the LoRA adapter; rank 0 saves adapter, merged model and metrics to out_dir."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     if not spec["use_gpu"]:
@@ -264,24 +284,28 @@ def train_worker(spec: dict[str, Any]) -> None:
     if tokenizer.pad_token is None:  # transformers 4.x tokenizers may have none; TRL pads batches
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
-    # The adapter is made here, right after seeding, rather than by the trainer: the same seed gives the same
-    # LoRA init whatever order a TRL version seeds and wraps in.
+    peft_config = LoraConfig(task_type="CAUSAL_LM", **spec["lora"])
+    # Seeded right before the trainer wraps the model: the same seed gives the same LoRA init whatever else a TRL
+    # version draws from the RNG first.
     set_seed(int(spec["args"].get("seed", 0)))
-    if spec["args"].get("gradient_checkpointing"):
-        model.enable_input_require_grads()  # the frozen base's inputs carry no grad otherwise
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **spec["lora"]))
     if spec["method"] == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         # With a PEFT model and no ref_model, TRL's reference is the same model with the adapter disabled.
         trainer: Any = DPOTrainer(model=model, args=DPOConfig(**spec["args"]), train_dataset=dataset,
-                                  processing_class=tokenizer)
+                                  processing_class=tokenizer, peft_config=peft_config)
     else:
         from trl import SFTConfig, SFTTrainer
 
         trainer = SFTTrainer(model=model, args=SFTConfig(**spec["args"]), train_dataset=dataset,
-                             processing_class=tokenizer)
-    result = trainer.train()
+                             processing_class=tokenizer, peft_config=peft_config)
+    from transformers.trainer_utils import get_last_checkpoint
+
+    output_dir = spec["args"]["output_dir"]
+    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if last:
+        print(f"tao: train: resuming from {last}", file=sys.stderr, flush=True)
+    result = trainer.train(resume_from_checkpoint=last)
     # save_model runs on every rank (ZeRO-3 gathers the sharded adapter there) and writes on rank 0 only.
     trainer.save_model(str(out / "adapter"))
     if not trainer.is_world_process_zero():

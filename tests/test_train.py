@@ -83,7 +83,10 @@ def test_training_args_defaults_and_overrides() -> None:
     assert args["learning_rate"] == 3e-5 and args["max_length"] == 128  # train.trl wins over our defaults
     assert args["beta"] == 0.1 and args["seed"] == 7 and args["output_dir"] == "/tmp/o/trainer"
     assert args["use_cpu"] is True and args["bf16"] is False and args["gradient_checkpointing"] is False
-    assert args["report_to"] == [] and args["save_strategy"] == "no" and "deepspeed" not in args
+    assert args["report_to"] == [] and "deepspeed" not in args
+    # Checkpoints every train.checkpoint_steps (the last one kept), or none.
+    assert (args["save_strategy"], args["save_steps"], args["save_total_limit"]) == ("steps", 10, 1)
+    assert training_args(TrainConfig(checkpoint_steps=0), "/tmp/o")["save_strategy"] == "no"
     sft = training_args(TrainConfig(method="sft"), "/tmp/o")
     assert "beta" not in sft and sft["completion_only_loss"] is True
     # Every default is a real field of the TRL config it is meant for.
@@ -185,3 +188,76 @@ def test_sft_best_of_n(tiny_model: Path, tmp_path: Path, spark: Any) -> None:
     assert sum(result.loss_history[-2:]) < sum(result.loss_history[:2]), result.loss_history
     rows = [json.loads(line) for line in (tmp_path / "out" / "pairs.jsonl").read_text().splitlines()]
     assert rows[0]["completion"] == [{"role": "assistant", "content": "Item 0 is fine and useful. Thank you."}]
+
+
+_TRAIN_IN_A_CHILD = """
+import sys
+import pandas as pd
+from tao_spark.config import TrainConfig
+from tao_spark.session import get_spark
+from tao_spark.train import train_on_pairs
+from tests.test_train import _pairs, _resume_cfg
+get_spark()
+train_on_pairs(_pairs(16), sys.argv[1], sys.argv[2], _resume_cfg(), seed=0)
+"""
+
+
+def _resume_cfg() -> TrainConfig:
+    return TrainConfig(method="dpo", lora_r=4, lora_alpha=8, checkpoint_steps=2,
+                       trl={"per_device_train_batch_size": 4, "num_train_epochs": 2, "learning_rate": 1e-3})
+
+
+@pytest.mark.integration
+def test_training_killed_mid_way_resumes_to_the_same_model(tiny_model: Path, tmp_path: Path, spark: Any) -> None:
+    """SIGKILL after a checkpoint, re-run: the same number of optimizer steps in total and the same adapter as a
+    run never killed (no batch seen twice or skipped, the optimizer and RNG states restored)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    ref = train_on_pairs(_pairs(16), str(tiny_model), str(tmp_path / "ref"), _resume_cfg(), seed=0, spark=spark)
+    assert ref.metrics["steps"] == 8 and len(ref.loss_history) == 8
+
+    out = tmp_path / "killed"
+    child = subprocess.Popen([sys.executable, "-c", _TRAIN_IN_A_CHILD, str(tiny_model), str(out)],
+                             cwd=Path(__file__).resolve().parent.parent, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out / "trainer" / "checkpoint-4" / "trainer_state.json").exists():
+        assert child.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    os.killpg(child.pid, signal.SIGKILL)  # the driver and its torchrun workers, mid-epoch 2
+    child.wait()
+    assert not (out / "metrics.json").exists()
+
+    resumed = train_on_pairs(_pairs(16), str(tiny_model), str(out), _resume_cfg(), seed=0, spark=spark)
+    assert resumed.metrics["steps"] == 8 and len(resumed.loss_history) == 8
+    assert resumed.loss_history[:4] == pytest.approx(ref.loss_history[:4], rel=1e-4)
+    assert resumed.loss_history == pytest.approx(ref.loss_history, rel=1e-3, abs=1e-4)
+    a = load_file(Path(ref.adapter_dir) / "adapter_model.safetensors")
+    b = load_file(Path(resumed.adapter_dir) / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
+    # One checkpoint kept, in the round's folder; the logged artifacts never include it.
+    assert [p.name for p in (out / "trainer").glob("checkpoint-*")] == ["checkpoint-8"]
+
+
+def test_changed_pairs_drop_old_checkpoints(tmp_path: Path) -> None:
+    from tao_spark.train import _drop_stale_checkpoints
+
+    (tmp_path / "trainer" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "pairs.jsonl").write_text("a\n")
+    spec = {"pairs_path": str(tmp_path / "pairs.jsonl"), "args": {"output_dir": str(tmp_path / "trainer")}}
+    _drop_stale_checkpoints(tmp_path, spec)
+    _drop_stale_checkpoints(tmp_path, spec)  # same data: the checkpoint stays
+    assert (tmp_path / "trainer" / "checkpoint-2").exists()
+    (tmp_path / "pairs.jsonl").write_text("b\n")
+    _drop_stale_checkpoints(tmp_path, spec)
+    assert not (tmp_path / "trainer").exists()
