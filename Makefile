@@ -77,7 +77,7 @@ LOW_VENV       ?= .venv-lowest
 test-lowest: $(STAMP)
 	$(PY) -m pip install -q --dry-run --ignore-installed $(foreach r,$(LOWEST),'$(r)') -e '.[local,jvm]'
 	test -x $(LOW_VENV)/bin/python || python3 -m venv $(LOW_VENV)
-	$(PY) -c "import site; print(site.getsitepackages()[0])" > \
+	$(PY) -c "import site; print(f'import site; site.addsitedir({site.getsitepackages()[0]!r})')" > \
 	  "$$($(LOW_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_base_venv.pth"
 	$(LOW_VENV)/bin/python -m pip install -q $(foreach r,$(LOWEST_RUNTIME),'$(r)') 2>&1 | \
 	  grep -v "dependency resolver\|requires\|^$$" || true

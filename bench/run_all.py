@@ -1,4 +1,5 @@
-"""Every benchmark of the Spark paths against the bare libraries, into bench/results/latest.json.
+"""Every benchmark of the Spark paths against the bare libraries, into bench/results/latest.json (the run) and
+bench/results/history.jsonl (one line per run, kept in git).
 
     make bench                                   # ingest, then this: ~6-8 min on 2 cores
     .venv/bin/python bench/run_all.py --tiny     # smoke run on a tiny random model (~2 min)
@@ -25,6 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import memory_bench  # noqa: E402
+
+from tao_spark.config import git_commit  # noqa: E402
 
 
 def child(script: str, tiny: bool) -> dict[str, Any]:
@@ -67,6 +70,10 @@ def main() -> None:
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    # One line per run, committed with the code that made it: a change's effect stays visible over time.
+    summary = {k: v for k, v in result.items() if k != "details"}
+    with (Path(a.out).parent / "history.jsonl").open("a") as f:
+        f.write(json.dumps({**summary, "git_commit": git_commit()}, default=str) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "details"}, indent=1, default=str))
     print(f"wrote {a.out} in {result['seconds']:.0f}s")
 

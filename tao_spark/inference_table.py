@@ -250,13 +250,15 @@ def ingest_table(spark: SparkSession, tables: Tables, source: str, cfg: IngestCo
             return
         order = [c for c in ("request_time", "timestamp_ms", "databricks_request_id") if c in table.column_names]
         ordered = table.sort_by([(c, "ascending") for c in order]) if order else table
-        for i, batch in enumerate(ordered.to_batches(max_chunksize=10_000)):
-            for j, row in enumerate(batch.to_pylist()):
+        line = 0  # the row's place in a total order (time, then request id): the same on every re-read
+        for batch in ordered.to_batches(max_chunksize=10_000):
+            for row in batch.to_pylist():
+                line += 1
                 raw = json.dumps(row, ensure_ascii=False, default=str).encode("utf-8", errors="backslashreplace")
                 try:
-                    yield i * 10_000 + j + 1, raw, record(row, endpoint, cfg.max_line_bytes)
+                    yield line, raw, record(row, endpoint, cfg.max_line_bytes)
                 except Reject as r:
-                    yield i * 10_000 + j + 1, raw, r
+                    yield line, raw, r
 
     # A range is read once per run; its quarantine rows are keyed by (range, row), so a re-read matches them.
     key = hashlib.sha256(f"{source}@{span}".encode()).hexdigest()

@@ -58,6 +58,9 @@ def setup(cfg: Config) -> str:
     """Point MLflow at the configured store; create the experiment with artifacts under TAO_HOME."""
     import mlflow
 
+    for uri in (cfg.tracking_uri, cfg.registry_uri):
+        if uri.startswith("sqlite:///"):  # older MLflow (3.2) does not create the database's folder
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(cfg.tracking_uri)
     mlflow.set_registry_uri(cfg.registry_uri)
     exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)

@@ -159,6 +159,22 @@ def train(pairs: list[dict[str, Any]], backbone_path: str, out_dir: str, cfg: Re
     return report
 
 
+def _accept_use_cache(model: Any) -> None:
+    """TRL's RewardTrainer passes ``use_cache=False`` to every model; encoders of transformers 4.x (BERT, MiniLM)
+    take no such argument (5.x models take any keyword). Drop it for those, so both lines of releases train."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters.values()
+    if any(p.name == "use_cache" or p.kind is p.VAR_KEYWORD for p in params):
+        return
+    forward = model.forward
+
+    def without_use_cache(*args: Any, use_cache: Any = None, **kwargs: Any) -> Any:
+        return forward(*args, **kwargs)
+
+    model.forward = without_use_cache
+
+
 def reward_worker(spec: dict[str, Any]) -> None:
     """One torchrun process: LoRA reward training; rank 0 merges, saves, and scores the held-out pairs."""
     import torch
@@ -177,6 +193,7 @@ def reward_worker(spec: dict[str, Any]) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(spec["model_path"], num_labels=1,
                                                                dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
+    _accept_use_cache(model)
 
     def load(name: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in (out / name).read_text().splitlines()]
