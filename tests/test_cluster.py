@@ -360,38 +360,51 @@ def test_inference_table_by_name_incrementally_over_spark_connect(local_cluster:
                                                                   tmp_path: Path) -> None:
     """``tao ingest --table catalog.name`` on JVM Spark: the snapshot first, then only the rows appended since,
     read through the table's Change Data Feed."""
-    from pyspark.sql import SparkSession
-
     from tao_spark.data import SAMPLE_INFERENCE_TABLE
     from tests.test_inference_table import REASONS
 
     state, _ = local_cluster
     home, conf = tmp_path / "home", _config_file(tmp_path)
-    spark = SparkSession.builder.remote(state.connect_url).getOrCreate()
-    spark.sql("CREATE SCHEMA IF NOT EXISTS serving_it").collect()
-    spark.sql("CREATE OR REPLACE TABLE serving_it.acme_assistant_payload USING DELTA "
-              "TBLPROPERTIES (delta.enableChangeDataFeed = true) "
-              f"AS SELECT * FROM delta.`{SAMPLE_INFERENCE_TABLE}`").collect()
+
+    def sql(*statements: str) -> list[list[dict[str, Any]]]:
+        # Another process: this one already holds a classic session, and PySpark allows one kind per process.
+        r = subprocess.run([sys.executable, "-c", _CONNECT_CLIENT, state.connect_url, json.dumps(statements)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out: list[list[dict[str, Any]]] = json.loads(r.stdout.strip().splitlines()[-1])
+        return out
+
+    sql("CREATE SCHEMA IF NOT EXISTS serving_it",
+        "CREATE OR REPLACE TABLE serving_it.acme_assistant_payload USING DELTA "
+        f"TBLPROPERTIES (delta.enableChangeDataFeed = true) AS SELECT * FROM delta.`{SAMPLE_INFERENCE_TABLE}`")
+    late_request = ("concat('{\"messages\": [{\"role\": \"user\", \"content\": \"late question ', "
+                    "databricks_request_id, '?\"}]}')")
     over = [f"spark.remote={state.connect_url}", "lakehouse=tao_it"]
     runs = []
     for append in (0, 0, 20):
         if append:
-            late_request = ("concat('{\"messages\": [{\"role\": \"user\", \"content\": \"late question ', "
-                            "databricks_request_id, '?\"}]}')")
-            spark.sql("INSERT INTO serving_it.acme_assistant_payload SELECT concat('late-', databricks_request_id), "
-                      "client_request_id, request_date, request_time, 200, sampling_fraction, execution_duration_ms, "
-                      f"{late_request}, response, CAST(array() AS array<string>), served_entity_id, requester "
-                      f"FROM serving_it.acme_assistant_payload ORDER BY databricks_request_id LIMIT {append}").collect()
+            sql("INSERT INTO serving_it.acme_assistant_payload SELECT concat('late-', databricks_request_id), "
+                "client_request_id, request_date, request_time, 200, sampling_fraction, execution_duration_ms, "
+                f"{late_request}, response, CAST(array() AS array<string>), served_entity_id, requester "
+                f"FROM serving_it.acme_assistant_payload ORDER BY databricks_request_id LIMIT {append}")
         r = _tao(["ingest", "--table", "serving_it.acme_assistant_payload", "--json", *over], home, conf)
         assert r.returncode == 0, r.stderr[-3000:]
         runs.append((json.loads(r.stdout.strip().splitlines()[-1]), r.stderr))
     (first, _), (second, _), (third, log) = runs
     assert first["offered"] == first["source_rows"] == 305 and first["quarantined"] == sum(REASONS.values())
-    reasons = spark.sql("SELECT split(reason, ':')[0] AS reason, count(*) AS n FROM tao_it.quarantine "
-                        "GROUP BY 1").collect()
-    assert {r.reason: r.n for r in reasons} == REASONS
     assert first["offered"] == first["accepted"] + first["duplicates"] + first["quarantined"]
     assert second["source_rows"] == second["offered"] == 0
     assert third["source_rows"] == third["accepted"] == 20 and "change data feed" in log
-    assert spark.sql("SELECT count(*) AS n FROM tao_it.prompts").first().n == first["accepted"] + 20
-    assert spark.sql("SELECT version FROM tao_it.ingest_watermarks").first().version == third["source_version"]
+    reasons, prompts, mark = sql("SELECT split(reason, ':')[0] AS reason, count(*) AS n FROM tao_it.quarantine "
+                                 "GROUP BY 1", "SELECT count(*) AS n FROM tao_it.prompts",
+                                 "SELECT version FROM tao_it.ingest_watermarks")
+    assert {r["reason"]: r["n"] for r in reasons} == REASONS
+    assert prompts[0]["n"] == first["accepted"] + 20 and mark[0]["version"] == third["source_version"]
+
+
+_CONNECT_CLIENT = (
+    "import json, sys\n"
+    "from pyspark.sql import SparkSession\n"
+    "spark = SparkSession.builder.remote(sys.argv[1]).getOrCreate()\n"
+    "print(json.dumps([[r.asDict() for r in spark.sql(q).collect()] for q in json.loads(sys.argv[2])], default=str))\n"
+)
