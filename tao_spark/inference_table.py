@@ -152,6 +152,14 @@ class Source:
 
         return int(DeltaTable(self.name).version())
 
+    def columns(self) -> list[str]:
+        """The table's columns, from its schema alone: a table of another kind is refused before any row is read."""
+        if self.jvm:
+            return self.spark.sql(f"SELECT * FROM {self.ref} LIMIT 0").columns
+        from deltalake import DeltaTable
+
+        return [f.name for f in DeltaTable(self.name).schema().fields]
+
     def cdf(self) -> bool:
         if self.jvm:
             props = self.spark.sql(f"DESCRIBE DETAIL {self.ref}").collect()[0]["properties"] or {}
@@ -205,8 +213,9 @@ class Source:
         # (OPTIMIZE) re-adds old rows too; they come back as duplicates by prompt id, never as new prompts.
         new = sorted(set(DeltaTable(self.name, version=end).file_uris())
                      - set(DeltaTable(self.name, version=start - 1).file_uris()))
-        schema = DeltaTable(self.name, version=end).to_pyarrow_table().schema.empty_table()
-        return ds.dataset(new, format="parquet").to_table() if new else schema
+        if not new:  # commits that added no data (properties, OPTIMIZE of nothing)
+            return pa.schema(DeltaTable(self.name, version=end).schema().to_arrow()).empty_table()
+        return ds.dataset(new, format="parquet").to_table()
 
 
 def _plain(table: pa.Table) -> pa.Table:
@@ -230,6 +239,7 @@ def ingest_table(spark: SparkSession, tables: Tables, source: str, cfg: IngestCo
     """Append the chats committed to inference table ``source`` since the last run (or from ``since_version``,
     inclusive) to ``prompts``; quarantine the rest with a reason; advance the watermark."""
     src = Source(spark, source)
+    kind = check_schema(src.columns(), source)
     end = src.version()
     last = watermark(tables, source)
     start = since_version if since_version is not None else (last + 1 if last is not None else None)
@@ -239,7 +249,6 @@ def ingest_table(spark: SparkSession, tables: Tables, source: str, cfg: IngestCo
         print(f"tao: ingest --table {source}: nothing committed after v{end}", file=sys.stderr)
     else:
         table, how = src.rows(start, end)
-        kind = check_schema(table.column_names, source)
         print(f"tao: ingest --table {source}: {table.num_rows} rows of {span} ({kind} schema, {how})",
               file=sys.stderr)
     n = table.num_rows if table is not None else 0
