@@ -18,7 +18,7 @@ import json
 import sys
 import unicodedata
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -323,7 +323,7 @@ def files(paths: list[str | Path], cfg: IngestConfig, records: Any) -> Iterator[
 
 
 def append(
-    spark: SparkSession, tables: Tables, sources: Iterator[tuple[str, str, Records]] | list[tuple[str, str, Records]],
+    spark: SparkSession, tables: Tables, sources: Iterable[tuple[str, str, Records]],
     cfg: IngestConfig, *, target: str, key: str, build: Any, task: str | None, source: str,
 ) -> IngestResult:
     """Validate every record of ``sources`` with ``build``, MERGE the good rows into ``target`` by ``key`` and the
