@@ -8,7 +8,7 @@ export TAO_HOME ?= $(CURDIR)/.tao
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow test-classic test-cluster test-vllm test-lowest bench lint clean
+.PHONY: demo test test-slow test-faults test-classic test-cluster test-vllm test-lowest bench lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,10 +24,15 @@ demo: $(STAMP)
 	$(PY) jobs/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not gpu and not classic and not cluster and not vllm" -q
+	$(PY) -m pytest -m "not slow and not gpu and not classic and not cluster and not vllm and not faults" -q
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow" -q
+
+# SIGKILL at seeded random points in ingest, every stage of a round, the loop between rounds and serve under load;
+# each re-run must end exactly as a run never killed. TAO_FAULT_SEED=N draws other points.
+test-faults: $(STAMP)
+	$(PY) -m pytest -m faults -q -s
 
 # JVM Spark local[2] (Java 17): UDF fan-out and TorchDistributor(local_mode=False), no Delta; ~1-2 min.
 test-classic: $(STAMP)

@@ -168,15 +168,20 @@ def run(model: str, n_prompts: int = 16, n: int = 4, max_new_tokens: int = 48, b
 
 
 def main() -> None:
+    from tao_spark.config import GenerateConfig
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--partitions", type=int, default=2, help="generate.partitions (cores // this torch threads each)")
+    ap.add_argument("--batch-size", type=int, help="generate.batch_size: sequences decoded together (default: the "
+                    "config's)")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2 (smoke run)")
     ap.add_argument("--json", help="also write the results to this file")
     a = ap.parse_args()
-    common.dump(run(common.model_path(a.tiny), a.prompts, a.n, a.max_new_tokens, partitions=a.partitions), a.json)
+    common.dump(run(common.model_path(a.tiny), a.prompts, a.n, a.max_new_tokens,
+                     batch_size=a.batch_size or GenerateConfig().batch_size, partitions=a.partitions), a.json)
 
 
 if __name__ == "__main__":

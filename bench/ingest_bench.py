@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ingest_bench.py            # 100k rows
     .venv/bin/python bench/ingest_bench.py --rows 20000
+    .venv/bin/python bench/ingest_bench.py --memory 100000 1000000   # peak RSS of `tao ingest` per file size
 
 Writes N JSONL prompts (a mix of plain prompts and chats, 5 tasks, 1% duplicates, 0.1% bad lines) to a
 temp dir and prints rows/s for:
@@ -12,7 +13,8 @@ temp dir and prints rows/s for:
 - the baseline: plain ``json.loads`` over the same lines plus one ``deltalake.write_deltalake`` of the
   parsed rows (no validation, no dedup, no MERGE);
 
-and the ratio of ``ingest()`` time to baseline time.
+and the ratio of ``ingest()`` time to baseline time. ``--memory`` instead runs ``tao ingest`` on files of each size
+and prints the peak resident memory of that process (Sail runs inside it): flat when ingest streams its input.
 """
 
 from __future__ import annotations
@@ -71,10 +73,37 @@ def baseline(path: Path, out: str) -> float:
     return time.perf_counter() - t0
 
 
+_PEAK = """
+import resource, subprocess, sys
+p = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, p.stdout.strip())
+"""
+
+
+def peak_memory(sizes: list[int]) -> None:
+    """Peak RSS of a ``tao ingest`` process per file size, each measured from its own parent."""
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "prompts.jsonl"
+            make_file(path, n)
+            env = {**os.environ, "TAO_HOME": str(Path(d) / "home")}
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", _PEAK, sys.executable, "-m", "tao_spark.cli", "ingest",
+                                  str(path), "--json"], capture_output=True, text=True, env=env, check=True).stdout
+            rc, kb, js = out.split(" ", 2)
+            assert rc == "0", out
+            print(f"{n:>9} lines {path.stat().st_size / 1e6:7.1f} MB  peak RSS {int(kb) / 1024:7.0f} MB  "
+                  f"{time.perf_counter() - t0:6.1f} s  {js}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--memory", type=int, nargs="+", metavar="LINES", help="peak RSS of tao ingest per file size")
     a = ap.parse_args()
+    if a.memory:
+        peak_memory(a.memory)
+        return
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "prompts.jsonl"
         make_file(path, a.rows)

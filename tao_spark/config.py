@@ -67,8 +67,10 @@ class IngestConfig:
     max_line_bytes: int = _f(1_000_000, "lines longer than this are quarantined without parsing")
     max_json_depth: int = _f(32, "deeper JSON nesting is quarantined (guards against nesting bombs)")
     commit_retries: int = _f(8, "MERGE retries on a Delta write conflict with a concurrent writer")
+    chunk_rows: int = _f(50_000, "records validated and MERGEd at a time: memory stays flat however large the file")
 
     def __post_init__(self) -> None:
+        _check(self.chunk_rows >= 1, "ingest.chunk_rows", "must be >= 1")
         _check(self.max_prompt_chars >= 1, "ingest.max_prompt_chars", "must be >= 1")
         _check(bool(self.default_task.strip()), "ingest.default_task", "must not be empty")
         _check(self.max_line_bytes >= 1024, "ingest.max_line_bytes", "must be >= 1024")

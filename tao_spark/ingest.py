@@ -13,7 +13,6 @@ import csv
 import dataclasses
 import gzip
 import hashlib
-import io
 import json
 import sys
 import unicodedata
@@ -21,7 +20,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
@@ -190,34 +189,62 @@ def _escape(raw: bytes) -> str:
     return raw[:RAW_KEEP_CHARS].decode("utf-8", errors="backslashreplace")
 
 
-def _read_bytes(path: Path) -> bytes:
-    if path.suffix == ".gz":
-        with gzip.open(path, "rb") as f:
-            return f.read()
-    return path.read_bytes()
+def _open(path: Path) -> BinaryIO:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")  # type: ignore[return-value]
 
 
-def iter_records(path: Path, data: bytes, cfg: IngestConfig) -> Iterator[tuple[int, bytes, Any]]:
-    """Yield (line number, raw bytes, parsed object or Reject) for every non-blank record of a file."""
+def sha256_of(path: Path) -> str:
+    """sha256 of a file's (decompressed) bytes, read in blocks: the key of its quarantine rows."""
+    h = hashlib.sha256()
+    with _open(path) as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def iter_records(path: Path, cfg: IngestConfig) -> Iterator[tuple[int, bytes, Any]]:
+    """Yield (line number, raw bytes, parsed object or Reject) for every non-blank record of a file, streaming."""
     name = path.name.lower().removesuffix(".gz")
     if name.endswith((".jsonl", ".json", ".ndjson")):
-        yield from _iter_jsonl(data, cfg)
+        yield from _iter_jsonl(path, cfg)
     elif name.endswith(".csv"):
-        yield from _iter_csv(data)
+        yield from _iter_csv(path)
     elif name.endswith(".parquet"):
-        yield from _iter_parquet(data)
+        yield from _iter_parquet(path)
     else:
         raise ValueError(f"{path}: unsupported file type (use .jsonl, .jsonl.gz, .csv or .parquet)")
 
 
-def _iter_jsonl(data: bytes, cfg: IngestConfig) -> Iterator[tuple[int, bytes, Any]]:
-    data = data.removeprefix(b"\xef\xbb\xbf")
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        raw = raw.removesuffix(b"\r")
-        if not raw.strip():
+def _lines(path: Path, limit: int) -> Iterator[tuple[int, bytes, int]]:
+    """(line number, the line without its newline, its length), holding at most ``limit`` bytes of one line: of a
+    longer line only its first bytes come back (the rest is skipped over, never read whole)."""
+    with _open(path) as f:
+        lineno = 0
+        while True:
+            raw = f.readline(limit + 2)  # room for the limit plus "\r\n"
+            if not raw:
+                return
+            lineno += 1
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                size = len(raw)
+                while (more := f.readline(1 << 20)) and not more.endswith(b"\n"):
+                    size += len(more)
+                size += len(more.rstrip(b"\r\n"))
+                yield lineno, raw, size
+                continue
+            raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+            yield lineno, raw, len(raw)
+
+
+def _iter_jsonl(path: Path, cfg: IngestConfig) -> Iterator[tuple[int, bytes, Any]]:
+    for lineno, line, size in _lines(path, cfg.max_line_bytes):
+        if size > cfg.max_line_bytes:
+            yield lineno, line, Reject(f"line too long: {size} bytes > ingest.max_line_bytes={cfg.max_line_bytes}")
             continue
-        if len(raw) > cfg.max_line_bytes:
-            yield lineno, raw, Reject(f"line too long: {len(raw)} bytes > ingest.max_line_bytes={cfg.max_line_bytes}")
+        raw = line
+        if not raw.strip():
             continue
         try:
             text = raw.decode("utf-8")
@@ -257,32 +284,44 @@ def _tabular_record(row: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def _iter_csv(data: bytes) -> Iterator[tuple[int, bytes, Any]]:
-    text = data.decode("utf-8-sig", errors="surrogateescape")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if reader.fieldnames is None or "prompt" not in reader.fieldnames:
-        raise ValueError(f"CSV needs a 'prompt' column (found: {reader.fieldnames})")
-    for row in reader:
-        # The reader's line counter sits on the row's last line; a header is line 1.
-        raw = json.dumps(row, ensure_ascii=False).encode("utf-8", errors="surrogateescape")
-        rec = {k: (v if v != "" or k == "prompt" else None) for k, v in row.items() if k is not None}
-        try:
-            for v in rec.values():
-                if isinstance(v, str):
-                    v.encode("utf-8")
-        except UnicodeEncodeError:
-            yield reader.line_num, raw, Reject("invalid UTF-8")
-            continue
-        yield reader.line_num, raw, _tabular_record(rec)
+def _iter_csv(path: Path) -> Iterator[tuple[int, bytes, Any]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:  # type: ignore[operator]
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "prompt" not in reader.fieldnames:
+            raise ValueError(f"CSV needs a 'prompt' column (found: {reader.fieldnames})")
+        for row in reader:
+            # The reader's line counter sits on the row's last line; a header is line 1.
+            raw = json.dumps(row, ensure_ascii=False).encode("utf-8", errors="surrogateescape")
+            rec = {k: (v if v != "" or k == "prompt" else None) for k, v in row.items() if k is not None}
+            try:
+                for v in rec.values():
+                    if isinstance(v, str):
+                        v.encode("utf-8")
+            except UnicodeEncodeError:
+                yield reader.line_num, raw, Reject("invalid UTF-8")
+                continue
+            yield reader.line_num, raw, _tabular_record(rec)
 
 
-def _iter_parquet(data: bytes) -> Iterator[tuple[int, bytes, Any]]:
+def _parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row number from 1, row) of a Parquet file, one record batch in memory at a time."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(io.BytesIO(data))
-    if "prompt" not in table.column_names and "messages" not in table.column_names:
-        raise ValueError(f"Parquet needs a 'prompt' column (found: {table.column_names})")
-    for i, row in enumerate(table.to_pylist(), start=1):
+    with _open(path) as f:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        if "prompt" not in names and "messages" not in names:
+            raise ValueError(f"Parquet needs a 'prompt' column (found: {names})")
+        i = 0
+        for batch in pf.iter_batches(batch_size=8192):
+            for row in batch.to_pylist():
+                i += 1
+                yield i, row
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, bytes, Any]]:
+    for i, row in _parquet_rows(path):
         raw = json.dumps(row, ensure_ascii=False, default=str).encode("utf-8", errors="backslashreplace")
         rec = _tabular_record(row)
         if isinstance(rec.get("received_at"), datetime):
@@ -316,10 +355,9 @@ Records = Iterator[tuple[int, bytes, Any]]  # (line, raw bytes, parsed record or
 
 
 def files(paths: list[str | Path], cfg: IngestConfig, records: Any) -> Iterator[tuple[str, str, Records]]:
-    """Each file as (name, sha256 of its bytes, its records), read one at a time."""
+    """Each file as (name, sha256 of its bytes, its records streamed), one file at a time."""
     for p in map(Path, paths):
-        data = _read_bytes(p)
-        yield str(p), hashlib.sha256(data).hexdigest(), records(p, data, cfg)
+        yield str(p), sha256_of(p), records(p, cfg)
 
 
 def append(
@@ -328,13 +366,33 @@ def append(
 ) -> IngestResult:
     """Validate every record of ``sources`` with ``build``, MERGE the good rows into ``target`` by ``key`` and the
     rejected ones into ``quarantine`` (keyed by the source's sha256 and line); return the batch's counts
-    (offered = accepted + duplicates + quarantined)."""
+    (offered = accepted + duplicates + quarantined).
+
+    Records are MERGEd ``cfg.chunk_rows`` at a time, so memory does not grow with the input. The batch keeps one
+    ``batch_id`` across its chunks; a duplicate is whatever valid row the MERGEs did not insert (seen earlier in
+    this batch or in an earlier one), so no set of keys is held. A batch killed between chunks leaves its first
+    chunks in place; re-running it inserts exactly the rest (the earlier rows count as duplicates) and MERGEs
+    its rejected lines onto the same (sha256, line) keys, so the tables end as after one whole run.
+    """
     batch_id = uuid.uuid4().hex
     now = datetime.now(timezone.utc)
     rows: dict[str, dict[str, Any]] = {}
     bad: list[dict[str, Any]] = []
-    offered = in_batch_dups = 0
+    offered = valid = accepted = quarantined = chunks = 0
     reasons: dict[str, int] = {}
+
+    def flush(progress: bool = True) -> None:
+        nonlocal accepted, chunks
+        if rows:
+            accepted += tables.merge(target, _frame(spark, target, list(rows.values())), retries=cfg.commit_retries)
+        if bad:
+            tables.merge("quarantine", _frame(spark, "quarantine", bad), retries=cfg.commit_retries)
+        rows.clear()
+        bad.clear()
+        chunks += 1
+        if progress:
+            print(f"tao: ingest {target}: chunk {chunks} committed, {offered} read", file=sys.stderr, flush=True)
+
     for name, sha, records in sources:
         for lineno, raw, rec in records:
             offered += 1
@@ -345,27 +403,22 @@ def append(
             except Reject as r:
                 reason = str(r)
                 reasons[reason.split(":")[0]] = reasons.get(reason.split(":")[0], 0) + 1
+                quarantined += 1
                 bad.append({"target": target, "source_sha256": sha, "line": lineno, "batch_id": batch_id,
                             "source_file": name, "raw": _escape(raw), "reason": reason, "ingested_at": now})
-                continue
-            if row[key] in rows:
-                in_batch_dups += 1
-                continue
-            rows[row[key]] = {**row, "source_file": name, "ingested_at": now, "batch_id": batch_id}
-
-    accepted = 0
-    if rows:
-        accepted = tables.merge(target, _frame(spark, target, list(rows.values())), retries=cfg.commit_retries)
-    else:
-        tables.ensure(target)
-    if bad:
-        tables.merge("quarantine", _frame(spark, "quarantine", bad), retries=cfg.commit_retries)
-    result = IngestResult(batch_id, offered, accepted, in_batch_dups + len(rows) - accepted, len(bad), target,
+            else:
+                valid += 1
+                rows.setdefault(row[key], {**row, "source_file": name, "ingested_at": now, "batch_id": batch_id})
+            if len(rows) + len(bad) >= cfg.chunk_rows:
+                flush()
+    if rows or bad or not chunks:
+        flush(progress=False)
+    tables.ensure(target)
+    result = IngestResult(batch_id, offered, accepted, valid - accepted, quarantined, target,
                           tables.snapshot(target), reasons)
     print(f"tao: ingest {target}: {offered} offered, {accepted} accepted, {result.duplicates} duplicates, "
-          f"{len(bad)} quarantined -> {target} v{result.version}", file=sys.stderr)
+          f"{quarantined} quarantined -> {target} v{result.version}", file=sys.stderr)
     return result
-
 
 
 # --- preference pairs --------------------------------------------------------------------------------------------
@@ -417,14 +470,12 @@ def build_pair_row(
     }
 
 
-def _iter_pair_records(path: Path, data: bytes, cfg: IngestConfig) -> Iterator[tuple[int, bytes, Any]]:
+def _iter_pair_records(path: Path, cfg: IngestConfig) -> Iterator[tuple[int, bytes, Any]]:
     name = path.name.lower().removesuffix(".gz")
     if name.endswith((".jsonl", ".json", ".ndjson")):
-        yield from _iter_jsonl(data, cfg)
+        yield from _iter_jsonl(path, cfg)
     elif name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), start=1):
+        for i, row in _parquet_rows(path):
             raw = json.dumps(row, ensure_ascii=False, default=str).encode("utf-8", errors="backslashreplace")
             yield i, raw, {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()
                            if v is not None}

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -28,13 +29,17 @@ def acquire(tables: Tables, name: str, lease_s: int) -> str:
     Every contender inserts its own row, then the row that appeared in the earliest Delta version among the
     live ones wins. Commit order is the same for everyone who looks, so exactly one contender wins even if
     the engine rebased the two commits instead of failing one. A holder that died stops counting when its
-    lease expires.
+    lease expires, or at once when it ran on this host and its process is gone (a SIGKILLed scheduler).
     """
     holder = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     now = datetime.now(timezone.utc)
     live = F.col("expires_at") > F.lit(now)
     tables.ensure("locks")
     others = tables.read("locks").where((F.col("name") == name) & live).collect()
+    for row in [r for r in others if _dead(r.holder)]:
+        print(f"tao: lock {name!r}: holder {row.holder} is no longer running; releasing its lock", file=sys.stderr)
+        release(tables, name, row.holder)
+        others.remove(row)
     if others:
         raise Busy(f"a round is in progress: lock {name!r} held by {others[0].holder} since "
                    f"{others[0].acquired_at:%Y-%m-%d %H:%M:%S} (lease until {others[0].expires_at:%H:%M:%S})")
@@ -48,12 +53,28 @@ def acquire(tables: Tables, name: str, lease_s: int) -> str:
     return holder
 
 
+def _dead(holder: str) -> bool:
+    """True when ``holder`` ran on this host and its process has exited (checked by PID: a PID reused since
+    then keeps the lock until its lease ends, the safe side)."""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    if host != os.uname().nodename or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def _first_live_holder(tables: Tables, name: str, now: datetime) -> str | None:
     version = tables.snapshot("locks")
     first: str | None = None
     while version >= 0:
-        rows = (tables.read("locks", version=version)
-                .where((F.col("name") == name) & (F.col("expires_at") > F.lit(now))).collect())
+        rows = [r for r in tables.read("locks", version=version)
+                .where((F.col("name") == name) & (F.col("expires_at") > F.lit(now))).collect() if not _dead(r.holder)]
         if not rows:
             break
         first = sorted(rows, key=lambda r: (r.acquired_at, r.holder))[0].holder if len(rows) > 1 else rows[0].holder

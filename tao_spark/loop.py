@@ -60,6 +60,7 @@ def start(tables: Tables, cfg: Config) -> Round | None:
         if done else version,
         new_prompts=count_new(tables, version, previous),
     )
+    save(tables, rnd, cfg)  # the row first: a kill before the run exists leaves a round that opens it on resume
     rnd.mlflow_run_id = registry.open_run(cfg, rnd.round_id)
     save(tables, rnd, cfg)
     print(f"tao: round {rnd.round_id} on prompts@v{version} ({rnd.new_prompts} new), policy {rnd.base_model}, "
@@ -78,6 +79,9 @@ def run_stage(tables: Tables, rnd: Round, stage: str, cfg: Config) -> Round:
     before = names[names.index(stage) - 1] if stage != names[0] else None
     if before and not rnd.done(before):
         raise UserError(f"round {rnd.round_id}: run `tao {before} --round {rnd.round_id}` first")
+    if not rnd.mlflow_run_id:
+        rnd = dataclasses.replace(rnd, mlflow_run_id=registry.open_run(cfg, rnd.round_id))
+    print(f"tao: {stage}: started for {rnd.round_id}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     res = STAGES[stage](tables, rnd, cfg)
     m = {**rnd.metrics, **res.counts, **res.metrics}
@@ -87,6 +91,7 @@ def run_stage(tables: Tables, rnd: Round, stage: str, cfg: Config) -> Round:
     if stage != names[-1]:  # register logs everything itself, and has just ended the run
         registry.log_stage(cfg, rnd.mlflow_run_id, {f"time_{stage}_s": m[f"time_{stage}_s"]})
     save(tables, rnd, cfg)
+    print(f"tao: {stage}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     return rnd
 
 

@@ -82,8 +82,22 @@ def open_run(cfg: Config, round_id: str) -> str:
     from mlflow import MlflowClient
 
     exp_id = setup(cfg)
-    run = MlflowClient().create_run(exp_id, run_name=round_id, tags={"tao.round_id": round_id})
+    client = MlflowClient()
+    # A round killed after its run was created and before the run's id reached ``rounds`` finds that run again.
+    found = client.search_runs([exp_id], filter_string=f"tags.`tao.round_id` = '{_literal(round_id)}'",
+                               max_results=1)
+    if found:
+        return str(found[0].info.run_id)
+    run = client.create_run(exp_id, run_name=round_id, tags={"tao.round_id": round_id})
     return str(run.info.run_id)
+
+
+def _literal(value: str) -> str:
+    """A value inside an MLflow filter string's single quotes: refused rather than escaped when it holds a quote
+    (round ids and run ids never do)."""
+    if "'" in value or "\\" in value:
+        raise ValueError(f"not a plain identifier: {value!r}")
+    return value
 
 
 def log_stage(cfg: Config, run_id: str | None, metrics: dict[str, float]) -> None:
@@ -260,23 +274,30 @@ def register(
             mlflow.log_artifact(str(Path(tmp) / "config.json"))
         for name, fig in figures.items():
             mlflow.log_figure(fig, f"plots/{name}.png")
-        with tempfile.TemporaryDirectory() as tmp:
-            adapter = safe_copy(adapter_dir, Path(tmp) / "adapter")
-            mlflow.log_artifacts(str(adapter), "adapter")
-            info = log_policy(cfg, merged_dir, str(adapter), Path(tmp))
-        # The logged model's own metrics (the UI's model page and comparisons), tied to the prompt snapshot.
-        mlflow.log_metrics({k: v for k, v in metrics.items() if k.startswith("eval_") and v == v},
-                           model_id=info.model_id, dataset=dataset)
-        try:
-            client.create_registered_model(cfg.mlflow.model_name)
-        except mlflow.exceptions.MlflowException:
-            pass  # already registered
-        version = client.create_model_version(
-            cfg.mlflow.model_name, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id,
-            tags={"tao.round_id": round_id, "tao.prompts_version": str(prompts_version),
-                  "config_hash": cfg.digest(), "git_commit": tags.get("git_commit", git_commit())},
-            description=f"TAO round {round_id} on prompts@v{prompts_version}: {decision.reason}",
-        )
+        # A register killed after its version was created (before the round row recorded it) reuses that version:
+        # one version per round however often the stage is re-run.
+        versions = [v for v in client.search_model_versions(f"run_id = '{_literal(run.info.run_id)}'")
+                    if v.name == cfg.mlflow.model_name]
+        if versions:
+            version = versions[0]
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                adapter = safe_copy(adapter_dir, Path(tmp) / "adapter")
+                mlflow.log_artifacts(str(adapter), "adapter")
+                info = log_policy(cfg, merged_dir, str(adapter), Path(tmp))
+            # The logged model's own metrics (the UI's model page and comparisons), tied to the prompt snapshot.
+            mlflow.log_metrics({k: v for k, v in metrics.items() if k.startswith("eval_") and v == v},
+                               model_id=info.model_id, dataset=dataset)
+            try:
+                client.create_registered_model(cfg.mlflow.model_name)
+            except mlflow.exceptions.MlflowException:
+                pass  # already registered
+            version = client.create_model_version(
+                cfg.mlflow.model_name, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id,
+                tags={"tao.round_id": round_id, "tao.prompts_version": str(prompts_version),
+                      "config_hash": cfg.digest(), "git_commit": tags.get("git_commit", git_commit())},
+                description=f"TAO round {round_id} on prompts@v{prompts_version}: {decision.reason}",
+            )
         client.set_registered_model_alias(cfg.mlflow.model_name, ALIAS_CHALLENGER, version.version)
         if decision.promote:
             client.set_registered_model_alias(cfg.mlflow.model_name, ALIAS_CHAMPION, version.version)

@@ -119,6 +119,32 @@ def test_lock_is_exclusive_and_expires(tables):
     locks.release(tables, "round", locks.acquire(tables, "round", 600))
 
 
+def test_a_lock_whose_process_died_on_this_host_is_taken_over(tables):
+    """A SIGKILLed scheduler leaves its row with hours of lease; its PID is gone, so the next one proceeds."""
+    import os
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # an exited (and reaped) process: its PID no longer runs
+    now = datetime.now(timezone.utc)
+    host = os.uname().nodename
+    rows = pd.DataFrame([{"name": "round", "holder": f"{host}:{gone.pid}:deadbeef", "acquired_at": now,
+                          "expires_at": now + timedelta(hours=6)}], columns=columns("locks"))
+    tables.merge("locks", tables.spark.createDataFrame(rows, SCHEMAS["locks"]))
+    holder = locks.acquire(tables, "round", 600)
+    assert [r.holder for r in tables.read("locks").collect()] == [holder]
+    # A live holder on this host (this very process) is not taken over.
+    with pytest.raises(locks.Busy):
+        locks.acquire(tables, "round", 600)
+    locks.release(tables, "round", holder)
+    # Another host's holder cannot be checked: its lease decides.
+    other = pd.DataFrame([{"name": "round", "holder": "elsewhere:1:abc", "acquired_at": now,
+                           "expires_at": now + timedelta(hours=6)}], columns=columns("locks"))
+    tables.merge("locks", tables.spark.createDataFrame(other, SCHEMAS["locks"]))
+    with pytest.raises(locks.Busy, match="elsewhere"):
+        locks.acquire(tables, "round", 600)
+
+
 def test_release_binds_its_values_so_quotes_cannot_change_the_statement(tables):
     now = datetime.now(timezone.utc)
     names = ["round", "it's", 'say "hi"', "back\\slash", "x' OR '1'='1"]
