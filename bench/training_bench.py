@@ -45,7 +45,7 @@ def config(batch: int) -> Any:
 def run(model: str, n_pairs: int = 16, batch: int = 2) -> dict[str, Any]:
     from tao_spark.config import SparkConfig
     from tao_spark.session import get_spark
-    from tao_spark.train import _records, train_on_pairs, train_worker, training_args
+    from tao_spark.train import _records, train_on_pairs, train_worker, worker_spec
 
     cfg = config(batch)
     df = pairs(n_pairs)
@@ -53,12 +53,7 @@ def run(model: str, n_pairs: int = 16, batch: int = 2) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         # In-process: the same spec train_on_pairs builds, handed straight to the worker.
         out = Path(d) / "inproc"
-        out.mkdir()
-        (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records(df, "dpo")))
-        spec = {"method": "dpo", "model_path": model, "pairs_path": str(out / "pairs.jsonl"), "out_dir": str(out),
-                "lora": {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-                         "target_modules": list(cfg.lora_target_modules)},
-                "merge": False, "use_gpu": False, "args": training_args(cfg, str(out), 0)}
+        spec = worker_spec(_records(df, "dpo"), model, str(out), cfg, 0)
         import torch  # noqa: F401  (warm interpreter: a notebook user has these imported already)
         import trl  # noqa: F401
 

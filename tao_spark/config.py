@@ -256,9 +256,20 @@ class GateConfig:
     min_win_rate_low: float = _f(0.5, "promote only if the win-rate interval's lower end is above this")
     max_task_drop: float = _f(0.05, "refuse if any task's mean reward falls by more than this")
     max_forgetting: float = _f(0.05, "refuse if mean reward on earlier rounds' held-out sample falls by more than this")
+    # Collapse guards: label-free rounds can win on the reward while the answers degenerate (one template for
+    # every prompt, or answers growing until they hit the cap); these refuse such a model whatever its win rate.
+    min_distinct_ratio: float = _f(0.6, "refuse if distinct-2 of the tuned model's answers falls below this share of "
+                                        "the baseline's (0 = off)")
+    max_length_ratio: float = _f(2.0, "refuse if the tuned model's mean answer length exceeds this multiple of the "
+                                      "baseline's (0 = off)")
+    max_capped_increase: float = _f(0.25, "refuse if the share of answers hitting max_new_tokens rises by more than "
+                                          "this (1 = off)")
 
     def __post_init__(self) -> None:
         _check(0 <= self.min_win_rate_low <= 1, "gate.min_win_rate_low", "must be in [0, 1]")
+        _check(0 <= self.min_distinct_ratio <= 1, "gate.min_distinct_ratio", "must be in [0, 1]")
+        _check(self.max_length_ratio == 0 or self.max_length_ratio >= 1, "gate.max_length_ratio", "0 (off) or >= 1")
+        _check(0 <= self.max_capped_increase <= 1, "gate.max_capped_increase", "must be in [0, 1]")
         _check(self.max_task_drop >= 0, "gate.max_task_drop", "must be >= 0")
         _check(self.max_forgetting >= 0, "gate.max_forgetting", "must be >= 0")
 

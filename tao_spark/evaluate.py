@@ -53,8 +53,19 @@ def compliance_reward(cfg: Config) -> str | None:
     return next((r.name for r in cfg.score.rewards if r.fn == "instruction_following"), None)
 
 
+def distinct_n(texts: Any, n: int) -> float:
+    """Distinct word n-grams over all n-grams of ``texts`` (one value for the set): 1.0 when no n-gram repeats,
+    near 0 when every answer is the same template. NaN without any n-gram."""
+    grams: list[tuple[str, ...]] = []
+    for text in texts:
+        words = str(text).split()
+        grams.extend(zip(*(words[i:] for i in range(n)), strict=False))
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
 def summarize(frame: pd.DataFrame, cfg: Config) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Metrics over a frame with task, <arm>_reward, <arm>_tokens, <arm>_finish, <arm>_scores per prompt."""
+    """Metrics over a frame with task, <arm>_reward, <arm>_tokens, <arm>_finish, <arm>_scores and optionally
+    <arm>_text per prompt."""
     ev = cfg.evaluate
     strict = compliance_reward(cfg)
 
@@ -68,6 +79,9 @@ def summarize(frame: pd.DataFrame, cfg: Config) -> tuple[dict[str, float], dict[
             m[f"{arm}_reward"] = float(df[f"{arm}_reward"].mean())
             m[f"{arm}_tokens"] = float(df[f"{arm}_tokens"].mean())
             m[f"{arm}_length_capped"] = float((df[f"{arm}_finish"] == "length").mean())
+            if f"{arm}_text" in df:
+                m[f"{arm}_distinct1"] = distinct_n(df[f"{arm}_text"], 1)
+                m[f"{arm}_distinct2"] = distinct_n(df[f"{arm}_text"], 2)
             if strict:
                 vals = [json.loads(s).get(strict) for s in df[f"{arm}_scores"]]
                 applicable = [v for v in vals if v is not None]
@@ -127,6 +141,7 @@ def compare(
         frame[f"{arm}_tokens"] = frame[f"tokens_{arm}"]
         frame[f"{arm}_finish"] = frame[f"finish_reason_{arm}"]
         frame[f"{arm}_scores"] = frame[f"scores_{arm}"]
+        frame[f"{arm}_text"] = frame[f"completion_{arm}"]
     frame = frame.dropna(subset=["challenger_reward", "champion_reward"])
     metrics, per_task = summarize(frame, cfg)
 

@@ -154,6 +154,9 @@ def report(rnd: Round, cfg: Config) -> str:
                          f"{m.get('eval_challenger_compliance', float('nan')):.3f} "
                          "(share of prompts meeting every stated constraint)")
         lines.append(f"  answer tokens   {m['eval_champion_tokens']:.1f} -> {m['eval_challenger_tokens']:.1f}")
+        if "eval_challenger_distinct2" in m:
+            lines.append(f"  distinct-2      {m['eval_champion_distinct2']:.3f} -> {m['eval_challenger_distinct2']:.3f}"
+                         " (answer diversity; the gate refuses a collapse)")
         eval_metrics = {k.removeprefix("eval_"): v for k, v in m.items() if k.startswith("eval_")}
         lines.append(f"  win rate        {evaluate.fmt_interval(eval_metrics)}"
                      " (ties count half)")

@@ -50,8 +50,32 @@ def gate(metrics: dict[str, float], task_drops: dict[str, float], cfg: GateConfi
     if forgetting is not None and forgetting > cfg.max_forgetting:
         return GateDecision(False, f"mean reward on earlier rounds' held-out prompts dropped {forgetting:.3f} > "
                                    f"gate.max_forgetting {cfg.max_forgetting}")
+    collapse = collapsed(metrics, cfg)
+    if collapse:
+        return GateDecision(False, collapse)
     return GateDecision(True, f"win-rate interval low end {low:.3f} > {cfg.min_win_rate_low}; "
                               f"no task dropped more than {cfg.max_task_drop}")
+
+
+def collapsed(metrics: dict[str, float], cfg: GateConfig) -> str | None:
+    """Why the tuned model's answers look collapsed next to the baseline's (less diverse, much longer, more often
+    cut at the cap), or None. Metrics missing (an older evaluation) pass."""
+    def get(k: str) -> float:
+        return float(metrics.get(k, float("nan")))
+
+    d_new, d_old = get("challenger_distinct2"), get("champion_distinct2")
+    if cfg.min_distinct_ratio and d_old > 0 and d_new < cfg.min_distinct_ratio * d_old:
+        return (f"answers collapsed: distinct-2 {d_new:.3f} < gate.min_distinct_ratio {cfg.min_distinct_ratio} x "
+                f"baseline {d_old:.3f}")
+    t_new, t_old = get("challenger_tokens"), get("champion_tokens")
+    if cfg.max_length_ratio and t_old > 0 and t_new > cfg.max_length_ratio * t_old:
+        return (f"answers grew: {t_new:.1f} tokens on average > gate.max_length_ratio {cfg.max_length_ratio} x "
+                f"baseline {t_old:.1f}")
+    c_new, c_old = get("challenger_length_capped"), get("champion_length_capped")
+    if c_new - c_old > cfg.max_capped_increase:
+        return (f"answers hit max_new_tokens {c_new:.0%} of the time (baseline {c_old:.0%}): more than "
+                f"gate.max_capped_increase {cfg.max_capped_increase} higher")
+    return None
 
 
 def setup(cfg: Config) -> str:

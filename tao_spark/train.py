@@ -57,6 +57,9 @@ _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
         # loss from 0.69 to 0.003 (reward accuracy 1.0) on SmolLM2-135M: enough to move, no divergence.
         "learning_rate": 1e-4,
         "beta": 0.1,
+        # The reference (the base, adapter off) never changes: its log-probabilities once per dataset instead of
+        # a forward pass per step and epoch. On the demo's pairs (2 epochs) 1.39x faster, the same losses.
+        "precompute_ref_log_probs": True,
     },
     "sft": {
         "learning_rate": 1e-4,
@@ -136,6 +139,30 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
                                 "train_loss_history": result.loss_history, "train_curves": result.curves})
 
 
+def worker_spec(records: list[dict[str, Any]], model_path: str, out_dir: str, cfg: TrainConfig,
+                seed: int = 0) -> dict[str, Any]:
+    """Write ``records`` (from ``_records``) to ``out_dir/pairs.jsonl`` and return what ``train_worker`` takes."""
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)  # a stale file from an earlier run must not pass as this one's
+    pairs_path = out / "pairs.jsonl"
+    pairs_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    deepspeed_config = None
+    if cfg.backend == "deepspeed":
+        deepspeed_config = str(cfg.trl.get("deepspeed", DEEPSPEED_CONF_DIR / "zero2.json"))
+    return {
+        "method": cfg.method,
+        "model_path": str(model_path),
+        "pairs_path": str(pairs_path),
+        "out_dir": str(out),
+        "lora": {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+                 "target_modules": list(cfg.lora_target_modules)},
+        "merge": cfg.merge,
+        "use_gpu": cfg.use_gpu,
+        "args": training_args(cfg, str(out), seed, deepspeed_config),
+    }
+
+
 def train_on_pairs(pairs: pd.DataFrame, model_path: str, out_dir: str, cfg: TrainConfig, *, seed: int = 0,
                    spark: SparkSession | None = None) -> TrainResult:
     """Fine-tune ``model_path`` on ``pairs`` with a LoRA adapter, through Spark's TorchDistributor.
@@ -175,26 +202,8 @@ def train_on_pairs(pairs: pd.DataFrame, model_path: str, out_dir: str, cfg: Trai
     if spark is not None and spark is not active:
         raise ValueError("spark= is not the active SparkSession, and TorchDistributor only uses the active one")
 
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").unlink(missing_ok=True)  # a stale file from an earlier run must not pass as this one's
-    pairs_path = out / "pairs.jsonl"
-    pairs_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-    deepspeed_config = None
-    if cfg.backend == "deepspeed":
-        deepspeed_config = str(cfg.trl.get("deepspeed", DEEPSPEED_CONF_DIR / "zero2.json"))
-    spec = {
-        "method": cfg.method,
-        "model_path": str(model_path),
-        "pairs_path": str(pairs_path),
-        "out_dir": str(out),
-        "lora": {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-                 "target_modules": list(cfg.lora_target_modules)},
-        "merge": cfg.merge,
-        "use_gpu": cfg.use_gpu,
-        "args": training_args(cfg, str(out), seed, deepspeed_config),
-    }
+    spec = worker_spec(records, model_path, out_dir, cfg, seed)
+    out, deepspeed_config = Path(spec["out_dir"]), spec["args"].get("deepspeed")
     _drop_stale_checkpoints(out, spec)
     # The torchrun workers unpickle train_worker; shipping this module by value means they need not have
     # tao_spark installed (a source checkout, or an executor image without our wheel).

@@ -47,3 +47,57 @@ def test_gate_promotes_only_above_the_bar():
     drop = gate({"win_rate_low": 0.6}, {"a": 0.0, "b": 0.2}, cfg)
     assert not drop.promote and "'b'" in drop.reason
     assert not gate({"win_rate_low": float("nan")}, {}, cfg).promote
+
+
+def test_distinct_n_sees_a_template_repeated():
+    from tao_spark.evaluate import distinct_n
+
+    varied = ["the cat sat on the mat", "a dog ran in the park", "rain falls on green hills"]
+    template = ["I am happy to help you with that"] * 3
+    assert distinct_n(varied, 2) > 0.9
+    assert distinct_n(template, 2) == pytest.approx(1 / 3)
+    assert np.isnan(distinct_n(["one"], 2))
+
+
+def test_gate_refuses_a_collapsed_model_whatever_its_win_rate():
+    """Diversity gone, answers exploding in length or hitting the cap: refused with the reason, even at a
+    winning interval (reward hacking wins on the reward by construction)."""
+    cfg = GateConfig()
+    healthy = {"win_rate_low": 0.7, "challenger_distinct2": 0.6, "champion_distinct2": 0.62,
+               "challenger_tokens": 60.0, "champion_tokens": 80.0, "challenger_length_capped": 0.3,
+               "champion_length_capped": 0.6}
+    assert gate(healthy, {}, cfg).promote
+    same = gate({**healthy, "challenger_distinct2": 0.2}, {}, cfg)
+    assert not same.promote and same.reason.startswith("answers collapsed: distinct-2 0.200")
+    longer = gate({**healthy, "challenger_tokens": 200.0}, {}, cfg)
+    assert not longer.promote and "gate.max_length_ratio" in longer.reason
+    capped = gate({**healthy, "challenger_length_capped": 0.95}, {}, cfg)
+    assert not capped.promote and "max_new_tokens 95%" in capped.reason
+    off = GateConfig(min_distinct_ratio=0, max_length_ratio=0, max_capped_increase=1)
+    assert gate({**healthy, "challenger_distinct2": 0.01, "challenger_tokens": 900.0,
+                 "challenger_length_capped": 1.0}, {}, off).promote
+    # An evaluation from before these metrics existed is judged on the rest.
+    assert gate({"win_rate_low": 0.7}, {}, cfg).promote
+
+
+def test_summarize_reports_distinct_n_per_arm():
+    cfg = Config()
+    frame = pd.DataFrame({
+        "task": ["a", "a"], "challenger_reward": [1.0, 1.0], "champion_reward": [0.0, 0.0],
+        "challenger_tokens": [5, 5], "champion_tokens": [5, 5], "challenger_finish": ["stop"] * 2,
+        "champion_finish": ["stop"] * 2, "challenger_scores": ["{}"] * 2, "champion_scores": ["{}"] * 2,
+        "challenger_text": ["same words every time", "same words every time"],
+        "champion_text": ["first answer here", "another reply there"],
+    })
+    m, _ = summarize(frame, cfg)
+    assert m["challenger_distinct2"] == pytest.approx(0.5) and m["champion_distinct2"] == pytest.approx(1.0)
+    assert m["challenger_distinct1"] == pytest.approx(0.5)
+
+
+def test_mlflow_filter_values_with_quotes_are_refused_not_spliced():
+    from tao_spark.registry import _literal
+
+    assert _literal("r20261201-151918-e72df7") == "r20261201-151918-e72df7"
+    for bad in ("r1' OR '1'='1", "back\\slash"):
+        with pytest.raises(ValueError, match="not a plain identifier"):
+            _literal(bad)
