@@ -300,8 +300,15 @@ def train_worker(spec: dict[str, Any]) -> None:
     if spec["method"] == "dpo":
         from trl import DPOConfig, DPOTrainer
 
+        args = dict(spec["args"])
+        if args.get("precompute_ref_log_probs") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # TRL caches the precomputed log-probs beside the dataset's cache files and every rank opens rank 0's
+            # file; an in-memory dataset's cache is a temp folder of its own process, which other ranks cannot open.
+            print("tao: train: several processes: the reference log-probs are computed per step, not precomputed",
+                  file=sys.stderr, flush=True)
+            args["precompute_ref_log_probs"] = False
         # With a PEFT model and no ref_model, TRL's reference is the same model with the adapter disabled.
-        trainer: Any = DPOTrainer(model=model, args=DPOConfig(**spec["args"]), train_dataset=dataset,
+        trainer: Any = DPOTrainer(model=model, args=DPOConfig(**args), train_dataset=dataset,
                                   processing_class=tokenizer, peft_config=peft_config)
     else:
         from trl import SFTConfig, SFTTrainer
