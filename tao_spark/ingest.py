@@ -239,11 +239,10 @@ def _lines(path: Path, limit: int) -> Iterator[tuple[int, bytes, int]]:
 
 
 def _iter_jsonl(path: Path, cfg: IngestConfig) -> Iterator[tuple[int, bytes, Any]]:
-    for lineno, line, size in _lines(path, cfg.max_line_bytes):
+    for lineno, raw, size in _lines(path, cfg.max_line_bytes):
         if size > cfg.max_line_bytes:
-            yield lineno, line, Reject(f"line too long: {size} bytes > ingest.max_line_bytes={cfg.max_line_bytes}")
+            yield lineno, raw, Reject(f"line too long: {size} bytes > ingest.max_line_bytes={cfg.max_line_bytes}")
             continue
-        raw = line
         if not raw.strip():
             continue
         try:
