@@ -9,6 +9,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import http.client
 import threading
 import time
 import urllib.error
@@ -276,7 +277,7 @@ def _load(port: int, clients: int, seconds: float, max_requests: int) -> tuple[l
             t0 = time.perf_counter()
             try:
                 status, body = _chat(port, f"client {c} question {i % 7}", user=f"u{c}")
-            except OSError:  # the server was killed under this request: never acknowledged
+            except (OSError, http.client.HTTPException):  # killed under this request (even mid-body): never acknowledged
                 return
             i += 1
             if status == 200:
