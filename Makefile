@@ -8,7 +8,7 @@ export TAO_HOME ?= $(CURDIR)/.tao
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow test-faults test-classic test-cluster test-vllm test-lowest bench lint clean
+.PHONY: demo test test-slow test-faults test-classic test-cluster test-vllm test-lowest bench quality lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -94,6 +94,11 @@ test-lowest: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/ingest_bench.py --rows 20000
 	$(PY) bench/run_all.py
+
+# K rounds of the loop on the bundled log as it grows (start_from champion and base), with the base model's
+# best-of-N as the ceiling: a table and a plot in .quality/ and MLflow. Hours on 2 cores at this budget; not a test.
+quality: $(STAMP)
+	$(PY) bench/quality.py $(QUALITY_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tao_spark jobs tests bench

@@ -169,14 +169,21 @@ class ScoreConfig:
         _check(self.partitions >= 1, "score.partitions", "must be >= 1")
 
 
+STRATEGIES = ("best_worst", "consensus", "length_band")
+
+
 @dataclass
 class SelectConfig:
-    min_margin: float = _f(0.05, "smallest best-minus-worst reward gap that makes a preference pair")
-    strategy: str = _f("best_worst", "best_worst: the best vs. the worst candidate of each prompt")
+    min_margin: float = _f(0.05, "smallest chosen-minus-rejected reward gap that makes a preference pair")
+    strategy: str = _f("best_worst", "best_worst: the best vs. the worst candidate of each prompt; consensus: the "
+                                     "widest pair that no reward component contradicts; length_band: the widest "
+                                     "pair of similar lengths (select.length_band)")
+    length_band: float = _f(0.5, "length_band: the longer answer has at most (1 + this) times the shorter's tokens")
 
     def __post_init__(self) -> None:
         _check(self.min_margin >= 0, "select.min_margin", "must be >= 0")
-        _check(self.strategy in ("best_worst",), "select.strategy", "best_worst")
+        _check(self.strategy in STRATEGIES, "select.strategy", ", ".join(STRATEGIES))
+        _check(self.length_band >= 0, "select.length_band", "must be >= 0")
 
 
 @dataclass

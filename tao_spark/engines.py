@@ -207,11 +207,13 @@ class TransformersGenerator:
         u = torch.stack([draws[s // streams][s % streams] for s in active]).to(logits.device)
         probs = torch.softmax(logits.float() / temperature, dim=-1)
         if top_p < 1:
-            # A full sort of the vocabulary costs more than the rest of a step's sampling; the nucleus nearly always
-            # lies within the top 256 tokens, and where it does, topk's sorted prefix gives the same answer.
-            top, vocab_ids = probs.topk(min(256, probs.shape[-1]), dim=-1)
-            if bool((top.sum(-1) < top_p).any()):
-                top, vocab_ids = probs.sort(dim=-1, descending=True)
+            # A full sort of the vocabulary (80 ms for 32 rows of 49k) costs more than the rest of a step's sampling;
+            # where the nucleus lies within the top k tokens, topk's sorted prefix gives the same answer. At
+            # temperature 0.8 the top 256 missed the nucleus on a third of the steps, the top 4096 almost never.
+            for k in (256, 4096, probs.shape[-1]):
+                top, vocab_ids = probs.topk(min(k, probs.shape[-1]), dim=-1)
+                if k >= probs.shape[-1] or not bool((top.sum(-1) < top_p).any()):
+                    break
             # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is below top_p.
             probs = top * ((top.cumsum(-1) - top) < top_p)
         cdf = probs.cumsum(-1)

@@ -44,3 +44,49 @@ def test_zero_margin_keeps_any_strict_improvement(spark):
     cands, scores = _frames(spark, [("a", 0, "u", 1, 0.51), ("a", 1, "v", 1, 0.5)])
     assert pairs(cands, scores, SelectConfig(min_margin=0.0), "r").count() == 1
     assert pairs(cands, scores, SelectConfig(min_margin=0.02), "r").count() == 0
+
+
+def _components(spark, rows):
+    return spark.createDataFrame(pd.DataFrame(
+        [{"prompt_id": p, "candidate_idx": i, "reward_name": name, "value": v} for p, i, name, v in rows]),
+        "prompt_id string, candidate_idx int, reward_name string, value double")
+
+
+def test_consensus_takes_the_widest_pair_no_component_contradicts(spark):
+    # a: the best is worst on coherence, so best-vs-worst teaches "less coherent"; consensus takes A over D.
+    rows = [("a", 0, "A", 5, 0.9), ("a", 1, "B", 5, 0.6), ("a", 2, "C", 5, 0.2), ("a", 3, "D", 5, 0.4),
+            ("b", 0, "P", 5, 0.9), ("b", 1, "Q", 5, 0.1)]  # b: every pair contradicted: no pair
+    comps = [("a", 0, "instruct", 1.0), ("a", 0, "coherence", 0.1), ("a", 1, "instruct", 0.5),
+             ("a", 1, "coherence", 0.5), ("a", 2, "instruct", 0.0), ("a", 2, "coherence", 0.9),
+             ("a", 3, "instruct", 0.0), ("a", 3, "coherence", 0.05), ("a", 3, "json", None),
+             ("b", 0, "instruct", 1.0), ("b", 0, "coherence", 0.0), ("b", 1, "instruct", 0.0),
+             ("b", 1, "coherence", 1.0)]
+    cands, scores = _frames(spark, rows)
+    cfg = SelectConfig(strategy="consensus", min_margin=0.05)
+    out = {r.prompt_id: r for r in pairs(cands, scores, cfg, "r1", _components(spark, comps)).collect()}
+    assert set(out) == {"a"}
+    assert (out["a"].chosen, out["a"].rejected, out["a"].strategy) == ("A", "D", "consensus")
+    assert out["a"].margin == pytest.approx(0.5)
+    best_worst = {r.prompt_id: r for r in pairs(cands, scores, SelectConfig(min_margin=0.05), "r1").collect()}
+    assert (best_worst["a"].chosen, best_worst["a"].rejected) == ("A", "C") and "b" in best_worst
+    with pytest.raises(ValueError, match="per-component"):
+        pairs(cands, scores, cfg, "r1")
+
+
+def test_length_band_pairs_answers_of_similar_length(spark):
+    rows = [("a", 0, "A", 10, 0.9), ("a", 1, "B", 12, 0.5), ("a", 2, "C", 40, 0.1),
+            ("b", 0, "P", 10, 0.9), ("b", 1, "Q", 30, 0.1)]  # b: nothing within the band
+    cands, scores = _frames(spark, rows)
+    out = {r.prompt_id: r for r in pairs(cands, scores, SelectConfig(strategy="length_band", length_band=0.5,
+                                                                      min_margin=0.05), "r1").collect()}
+    assert set(out) == {"a"} and (out["a"].chosen, out["a"].rejected) == ("A", "B")
+    wide = {r.prompt_id for r in pairs(cands, scores, SelectConfig(strategy="length_band", length_band=3.0,
+                                                                   min_margin=0.05), "r1").collect()}
+    assert wide == {"a", "b"}
+
+
+def test_unknown_strategy_is_refused():
+    from tao_spark.config import ConfigError
+
+    with pytest.raises(ConfigError, match="select.strategy"):
+        SelectConfig(strategy="random")
