@@ -44,8 +44,9 @@ def bucket(client_id: str, k: int) -> int:
     return int(hashlib.sha256(f"quality-slice:{client_id}".encode()).hexdigest()[:8], 16) % k
 
 
-def tao(home: Path, *args: str, overrides: list[str]) -> None:
-    cmd = [sys.executable, "-m", "tao_spark.cli", *args, f"home={home}", *overrides]
+def tao(home: Path, *args: str, overrides: list[str], config: str | None) -> None:
+    cmd = [sys.executable, "-m", "tao_spark.cli", *(["--config", config] if config else []), *args, f"home={home}",
+           *overrides]
     print(f"quality: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True)
 
@@ -149,7 +150,8 @@ def ceiling(model_path: str, rows: list[dict[str, Any]], n: int, temperature: fl
             f"best_of_{n}_arithmetic": mean(best_a), f"majority_at_{n}_arithmetic": mean(major_a)}
 
 
-def run_arm(arm: str, out: Path, k: int, overrides: list[str], prompts: list[dict[str, Any]]) -> Path:
+def run_arm(arm: str, out: Path, k: int, overrides: list[str], prompts: list[dict[str, Any]],
+            config: str | None) -> Path:
     home = out / arm
     home.mkdir(parents=True, exist_ok=True)
     done = {r["round_id"] for r in delta(home, "rounds") if r["status"] == "done"} \
@@ -157,18 +159,18 @@ def run_arm(arm: str, out: Path, k: int, overrides: list[str], prompts: list[dic
     for i in range(len(done), k):
         part = home / f"slice-{i + 1}.jsonl"
         part.write_text("".join(json.dumps(p) + "\n" for p in prompts if bucket(p["id"], k) == i))
-        tao(home, "ingest", str(part), "--source", "quality", overrides=overrides)
-        tao(home, "round", overrides=[f"loop.start_from={arm}", *overrides])
+        tao(home, "ingest", str(part), "--source", "quality", overrides=overrides, config=config)
+        tao(home, "round", overrides=[f"loop.start_from={arm}", *overrides], config=config)
     return home
 
 
-def collect(arm: str, home: Path, cfg_overrides: list[str], fixed: set[str] | None) -> tuple[list[dict[str, Any]],
-                                                                                              set[str]]:
+def collect(arm: str, home: Path, cfg_overrides: list[str], fixed: set[str] | None,
+            config: str | None) -> tuple[list[dict[str, Any]], set[str]]:
     """Per round (round 0 = the base model) the figures on round 1's held-out prompts."""
     from tao_spark.config import load_config
     from tao_spark.rounds import policy
 
-    cfg = load_config(None, [f"home={home}", *cfg_overrides])
+    cfg = load_config(config, [f"home={home}", *cfg_overrides])
     answers = json.loads(ANSWERS.read_text())
     prompts = {p["prompt_id"]: p for p in delta(home, "prompts")}
     rounds = sorted(delta(home, "rounds"), key=lambda r: r["started_at"])
@@ -202,7 +204,8 @@ def collect(arm: str, home: Path, cfg_overrides: list[str], fixed: set[str] | No
         table.append({"arm": arm, "round": i, "round_id": r["round_id"], "model": r["tuned_model"], **fig,
                       "win_rate": m.get("eval_win_rate"), "win_rate_low": m.get("eval_win_rate_low"),
                       "win_rate_high": m.get("eval_win_rate_high"), "heldout_prompts": m.get("eval_prompts"),
-                      "pairs": r["pairs"], "n_train": r["n_train"], "promoted": r["promoted"],
+                      "pairs": r["pairs"], "n_prompts": r["n_prompts"], "n_train": r["n_train"],
+                      "promoted": r["promoted"],
                       "gate_reason": r["gate_reason"], "baseline": r["baseline_model"],
                       "seconds": sum(v for k_, v in m.items() if k_.startswith("time_") and k_.endswith("_s"))})
     return table, fixed
@@ -270,6 +273,7 @@ def main() -> None:
     ap.add_argument("--arms", default="champion,base", help="loop.start_from values to run, comma-separated")
     ap.add_argument("--best-of", type=int, default=4, help="N of the base model's best-of-N and majority@N")
     ap.add_argument("--out", default=str(common.ROOT / ".quality"), help="homes of the arms and the results")
+    ap.add_argument("--config", help="a tao YAML config (default: conf/local.yaml)")
     ap.add_argument("--set", nargs="*", default=[], help="config overrides for every round (key=value)")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -285,14 +289,14 @@ def main() -> None:
     table: list[dict[str, Any]] = []
     fixed: set[str] | None = None
     for arm in arms:
-        home = run_arm(arm, out, a.rounds, overrides, prompts)
-        rows, fixed = collect(arm, home, overrides, fixed)
+        home = run_arm(arm, out, a.rounds, overrides, prompts, a.config)
+        rows, fixed = collect(arm, home, overrides, fixed, a.config)
         table += rows
     from tao_spark.config import load_config
     from tao_spark.rounds import policy
 
     home = out / arms[0]
-    cfg = load_config(None, [f"home={home}", *overrides])
+    cfg = load_config(a.config, [f"home={home}", *overrides])
     evals = {e["prompt_id"]: e for e in delta(home, "evaluations")}
     answers = json.loads(ANSWERS.read_text())
     rows = [{"prompt_id": p["prompt_id"], "task": p["task"], "prompt": p["prompt"],

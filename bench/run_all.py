@@ -75,7 +75,21 @@ def main() -> None:
     with (Path(a.out).parent / "history.jsonl").open("a") as f:
         f.write(json.dumps({**summary, "git_commit": git_commit()}, default=str) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "details"}, indent=1, default=str))
+    print(trend(Path(a.out).parent / "history.jsonl"))
     print(f"wrote {a.out} in {result['seconds']:.0f}s")
+
+
+def trend(history: Path, last: int = 10) -> str:
+    """The last runs of ``history.jsonl`` as a Markdown table: how each stable ratio moved, with the load."""
+    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()][-last:]
+    keys = ["generation_udf_ratio", "scoring_udf_ratio", "training_distributor_ratio", "generation_roofline_fraction"]
+    lines = ["| date | commit | model | load (start/end) | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 4)]
+    for r in rows:
+        load = f"{r['machine'].get('loadavg_start', ['?'])[0]}/{r['machine'].get('loadavg_end', ['?'])[0]}"
+        cells = [f"{r[k]:.3f}" if isinstance(r.get(k), (int, float)) else "-" for k in keys]
+        lines.append(f"| {r['date']} | {str(r.get('git_commit', ''))[:7]} | {r['model']} | {load} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

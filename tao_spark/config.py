@@ -188,7 +188,10 @@ class SelectConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = _f("dpo", "dpo (TRL DPOTrainer on pairs) or sft (best-of-N through SFTTrainer)")
+    method: str = _f("dpo", "dpo (TRL DPOTrainer on pairs), sft (best-of-N through SFTTrainer) or sft_labels "
+                            "(supervised baseline: SFTTrainer on train.references' answers to the training prompts)")
+    references: str | None = _f(None, "sft_labels: JSONL of {id or prompt_id, reference}, labels kept apart from the "
+                                      "prompt log (id is the log line's own id)")
     backend: str = _f("torch", "torch (TorchDistributor) or deepspeed (DeepspeedTorchDistributor, GPU only)")
     num_processes: int = _f(1, "distributor processes")
     local_mode: bool = _f(True, "torchrun on the driver's machine; false runs each process as a barrier Spark task "
@@ -205,7 +208,9 @@ class TrainConfig:
     trl: dict[str, Any] = _f({}, "passed straight to DPOConfig / SFTConfig")
 
     def __post_init__(self) -> None:
-        _check(self.method in ("dpo", "sft"), "train.method", "dpo or sft")
+        _check(self.method in ("dpo", "sft", "sft_labels"), "train.method", "dpo, sft or sft_labels")
+        _check(self.method != "sft_labels" or bool(self.references), "train.references",
+               "train.method=sft_labels needs a JSONL file of reference answers")
         _check(self.backend in ("torch", "deepspeed"), "train.backend", "torch or deepspeed")
         _check(self.num_processes >= 1, "train.num_processes", "must be >= 1")
         _check(self.lora_r >= 1, "train.lora_r", "must be >= 1")

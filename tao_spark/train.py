@@ -17,6 +17,7 @@ not a contract we rely on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -123,20 +124,53 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
     from tao_spark.rounds import StageResult, folder, policy, split
 
     train_prompts = split(tables, rnd, cfg)[0]
-    prefs = (tables.read("preferences").where(F.col("round_id") == rnd.round_id)
-             .join(train_prompts.select("prompt_id", F.to_json("messages").alias("messages_json")), "prompt_id")
-             .select("prompt_id", "messages_json", "chosen", "rejected", "margin").orderBy("prompt_id").toPandas())
-    if prefs.empty:
-        raise UserError(f"round {rnd.round_id}: no preference pairs to train on "
-                           f"(lower select.min_margin or raise generate.n)")
-    pairs = pd.DataFrame({"prompt": [json.loads(x) for x in prefs.messages_json], "chosen": prefs.chosen,
-                          "rejected": prefs.rejected})
+    train_cfg = cfg.train
+    if cfg.train.method == "sft_labels":
+        assert cfg.train.references is not None  # TrainConfig checks it
+        pairs = labelled(train_prompts.select("prompt_id", "client_id", F.to_json("messages").alias("messages_json"))
+                         .orderBy("prompt_id").toPandas(), cfg.train.references)
+        if pairs.empty:
+            raise UserError(f"round {rnd.round_id}: no training prompt has a reference in {cfg.train.references}")
+        train_cfg = dataclasses.replace(cfg.train, method="sft")
+    else:
+        prefs = (tables.read("preferences").where(F.col("round_id") == rnd.round_id)
+                 .join(train_prompts.select("prompt_id", F.to_json("messages").alias("messages_json")), "prompt_id")
+                 .select("prompt_id", "messages_json", "chosen", "rejected", "margin").orderBy("prompt_id")
+                 .toPandas())
+        if prefs.empty:
+            raise UserError(f"round {rnd.round_id}: no preference pairs to train on "
+                            f"(lower select.min_margin or raise generate.n)")
+        pairs = pd.DataFrame({"prompt": [json.loads(x) for x in prefs.messages_json], "chosen": prefs.chosen,
+                              "rejected": prefs.rejected})
     _, base_path, _ = policy(cfg, rnd.base_model)
-    result = train_on_pairs(pairs, base_path, str(folder(cfg, rnd) / "train"), cfg.train, seed=cfg.generate.seed,
+    result = train_on_pairs(pairs, base_path, str(folder(cfg, rnd) / "train"), train_cfg, seed=cfg.generate.seed,
                             spark=tables.spark)
     return StageResult(fields={"tuned_model": result.merged_dir or result.adapter_dir},
                        metrics={**{f"train_{k}": v for k, v in result.metrics.items()},
                                 "train_loss_history": result.loss_history, "train_curves": result.curves})
+
+
+def labelled(prompts: pd.DataFrame, references: str) -> pd.DataFrame:
+    """(prompt, chosen) rows for the training prompts that ``references`` answers, matched on ``prompt_id`` or on
+    the log line's own ``id`` (``client_id``); the supervised baseline's data."""
+    import pandas as pd
+
+    by_key: dict[str, str] = {}
+    with open(references, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            key, text = row.get("prompt_id") or row.get("id"), row.get("reference")
+            if not isinstance(key, str) or not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{references}:{n}: needs a string id (or prompt_id) and a non-empty reference")
+            by_key[key] = text
+    keep = [(json.loads(m), by_key.get(pid) or by_key.get(cid or ""))
+            for pid, cid, m in zip(prompts.prompt_id, prompts.client_id, prompts.messages_json, strict=True)]
+    keep = [(m, r) for m, r in keep if r]
+    print(f"tao: train: sft_labels on {len(keep)} of {len(prompts)} training prompts with a reference",
+          file=sys.stderr)
+    return pd.DataFrame({"prompt": [m for m, _ in keep], "chosen": [r for _, r in keep]})
 
 
 def worker_spec(records: list[dict[str, Any]], model_path: str, out_dir: str, cfg: TrainConfig,

@@ -81,6 +81,23 @@ def test_arithmetic_answers_live_apart_from_the_prompt_log():
             assert answers[s.id] == int(m.group(1)) * int(m.group(2))
 
 
+def test_reference_answers_meet_their_prompts_constraints_and_give_the_right_number():
+    from tao_spark.rewards.verifiers import check_constraint, final_number
+
+    answers = json.loads((HERE / "arithmetic_answers.json").read_text())
+    refs = [json.loads(line) for line in (HERE / "references.jsonl").read_text().splitlines()]
+    by_id = {s.id: s for s in SAMPLES}
+    assert len({r["id"] for r in refs}) == len(refs) == 140
+    for r in refs:
+        s = by_id[r["id"]]
+        if s.task == "arithmetic":
+            assert final_number(r["reference"]) == answers[s.id], r
+        else:
+            assert s.task == "instruct" and s.constraints
+            assert all(check_constraint(c, r["reference"]) for c in s.constraints), r
+    assert sum(by_id[r["id"]].task == "instruct" for r in refs) == 50
+
+
 # --- constraints -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("constraint, good, bad", [

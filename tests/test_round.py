@@ -150,3 +150,36 @@ def test_killed_round_resumes_without_duplicate_or_missing_rows(spark, tmp_path,
     assert cands.count() == 30
     assert cands.select("prompt_id", "candidate_idx").distinct().count() == 30
     assert tables.read("rounds").count() == 1 and rnd.status == "done"
+
+
+def test_sft_labels_trains_on_the_references_of_training_prompts_only(spark, tmp_path, tiny_model, capsys):
+    from tao_spark import train
+    from tao_spark.config import ConfigError
+    from tao_spark.rounds import folder, split
+
+    refs = tmp_path / "references.jsonl"
+    base = _overrides(tmp_path / "home", tiny_model)
+    with pytest.raises(ConfigError, match="train.references"):
+        load_config(_config_file(tmp_path), [*base, "train.method=sft_labels"])
+    cfg = load_config(_config_file(tmp_path), [*base, "train.method=sft_labels", f"train.references={refs}",
+                                                "train.trl.max_steps=2"])
+    tables = Tables(spark, cfg.lakehouse)
+    ingest(spark, tables, [_sample(tmp_path)], cfg.ingest)
+    rnd = loop.start(tables, cfg)
+    train_rows, held = (part.select("prompt_id", "client_id").orderBy("prompt_id").collect()
+                        for part in split(tables, rnd, cfg))
+    # Three labels by the log line's id, one by prompt_id; a held-out prompt's label and an unknown id are not used.
+    lines = [{"id": r.client_id, "reference": f"reference {i}"} for i, r in enumerate(train_rows[:3])]
+    lines += [{"prompt_id": train_rows[3].prompt_id, "reference": "reference 3"},
+              {"id": held[0].client_id, "reference": "held out"}, {"id": "no-such-line", "reference": "x"}]
+    refs.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    res = train.run(tables, rnd, cfg)
+    assert "sft_labels on 4 of 10 training prompts" in capsys.readouterr().err
+    rows = [json.loads(x) for x in (folder(cfg, rnd) / "train" / "pairs.jsonl").read_text().splitlines()]
+    assert sorted(r["completion"][0]["content"] for r in rows) == [f"reference {i}" for i in range(4)]
+    assert res.metrics["train_steps"] == 2 and Path(res.fields["tuned_model"]).exists()
+
+    refs.write_text('{"id": "instruct-0001"}\n')
+    with pytest.raises(ValueError, match="references.jsonl:1: needs a string id"):
+        train.run(tables, rnd, cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -9,7 +10,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import http.client
 import threading
 import time
 import urllib.error
@@ -277,7 +277,7 @@ def _load(port: int, clients: int, seconds: float, max_requests: int) -> tuple[l
             t0 = time.perf_counter()
             try:
                 status, body = _chat(port, f"client {c} question {i % 7}", user=f"u{c}")
-            except (OSError, http.client.HTTPException):  # killed under this request (even mid-body): never acknowledged
+            except (OSError, http.client.HTTPException):  # killed under this request, even mid-body: unacknowledged
                 return
             i += 1
             if status == 200:
