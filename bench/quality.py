@@ -1,7 +1,8 @@
-"""Quality benchmark: K rounds of the loop on the bundled prompt log as it grows, per start_from, with the base
-model's best-of-N and majority@N on the same held-out prompts as the label-free ceiling.
+"""Quality benchmark: K rounds of the loop on the bundled prompt log as it grows, per ``loop.start_from`` and for
+the supervised baseline on reference answers, with the base model's best-of-N and majority@N on the same held-out
+prompts as the label-free ceiling.
 
-    make quality                                        # 3 rounds x {champion, base}, every training prompt, n=8
+    make quality                        # 3 rounds x {champion, base, sft_labels}, every training prompt, n=8
     .venv/bin/python bench/quality.py --rounds 2 --arms champion --set generate.max_prompts=80 generate.n=4
 
 The log arrives in K slices (a stable hash of each prompt's id), one before each round, so round k trains on every
@@ -150,6 +151,17 @@ def ceiling(model_path: str, rows: list[dict[str, Any]], n: int, temperature: fl
             f"best_of_{n}_arithmetic": mean(best_a), f"majority_at_{n}_arithmetic": mean(major_a)}
 
 
+def arm_overrides(arm: str) -> list[str]:
+    """champion / base: ``loop.start_from``; sft_labels: the supervised baseline, the base tuned on the bundled
+    reference answers of the same training prompts (its sampled candidates are unused: two per prompt suffice)."""
+    if arm == "sft_labels":
+        from tao_spark.data import SAMPLE_REFERENCES
+
+        return ["loop.start_from=base", "train.method=sft_labels", f"train.references={SAMPLE_REFERENCES}",
+                "generate.n=2"]
+    return [f"loop.start_from={arm}"]
+
+
 def run_arm(arm: str, out: Path, k: int, overrides: list[str], prompts: list[dict[str, Any]],
             config: str | None) -> Path:
     home = out / arm
@@ -160,7 +172,7 @@ def run_arm(arm: str, out: Path, k: int, overrides: list[str], prompts: list[dic
         part = home / f"slice-{i + 1}.jsonl"
         part.write_text("".join(json.dumps(p) + "\n" for p in prompts if bucket(p["id"], k) == i))
         tao(home, "ingest", str(part), "--source", "quality", overrides=overrides, config=config)
-        tao(home, "round", overrides=[f"loop.start_from={arm}", *overrides], config=config)
+        tao(home, "round", overrides=[*overrides, *arm_overrides(arm)], config=config)
     return home
 
 
@@ -250,10 +262,10 @@ def plot(result: dict[str, Any], path: Path) -> Any:
             xs, ys = [r["round"] for r in rows], [r[key] for r in rows]
             if key == "win_rate":
                 err = [[r[key] - r["win_rate_low"] for r in rows], [r["win_rate_high"] - r[key] for r in rows]]
-                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label=f"start_from={arm}")
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label=arm)
                 ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
             else:
-                ax.plot(xs, ys, marker="o", label=f"start_from={arm}")
+                ax.plot(xs, ys, marker="o", label=arm)
         for name, value in result["ceiling"].items():
             if ref and ((ref.startswith("best") and name.startswith(ref) and name.endswith("compliance"))
                         or (ref.startswith("_") and name.endswith(ref))):
@@ -270,7 +282,8 @@ def plot(result: dict[str, Any], path: Path) -> Any:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3, help="K: the log arrives in K slices, one round after each")
-    ap.add_argument("--arms", default="champion,base", help="loop.start_from values to run, comma-separated")
+    ap.add_argument("--arms", default="champion,base,sft_labels",
+                    help="comma-separated: champion, base (loop.start_from) and sft_labels (the supervised baseline)")
     ap.add_argument("--best-of", type=int, default=4, help="N of the base model's best-of-N and majority@N")
     ap.add_argument("--out", default=str(common.ROOT / ".quality"), help="homes of the arms and the results")
     ap.add_argument("--config", help="a tao YAML config (default: conf/local.yaml)")
