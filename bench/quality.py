@@ -37,6 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 
+from tao_spark.rewards import reward_text  # noqa: E402
+
 ANSWERS = common.ROOT / "tao_spark" / "data" / "arithmetic_answers.json"
 
 
@@ -196,7 +198,7 @@ def collect(arm: str, home: Path, cfg_overrides: list[str], fixed: set[str] | No
             if e["round_id"] != round_id or e["prompt_id"] not in fixed:
                 continue
             p = prompts[e["prompt_id"]]
-            rows.append({"prompt_id": e["prompt_id"], "task": e["task"], "prompt": p["prompt"],
+            rows.append({"prompt_id": e["prompt_id"], "task": e["task"], "prompt": reward_text(p["messages"]),
                          "messages": [dict(m) for m in p["messages"]], "answer": e[arm_col],
                          "tokens": e[f"{arm_col}_tokens"], "reward": e[f"{arm_col}_reward"],
                          "finish": "length" if e[f"{arm_col}_tokens"] >= cfg.evaluate.max_new_tokens else "stop",
@@ -312,7 +314,7 @@ def main() -> None:
     cfg = load_config(a.config, [f"home={home}", *overrides])
     evals = {e["prompt_id"]: e for e in delta(home, "evaluations")}
     answers = json.loads(ANSWERS.read_text())
-    rows = [{"prompt_id": p["prompt_id"], "task": p["task"], "prompt": p["prompt"],
+    rows = [{"prompt_id": p["prompt_id"], "task": p["task"], "prompt": reward_text(p["messages"]),
              "messages": [dict(m) for m in p["messages"]], "expected": answers.get(p["client_id"] or "")}
             for p in delta(home, "prompts") if p["prompt_id"] in (fixed or set()) and p["prompt_id"] in evals]
     ceil = ceiling(policy(cfg, cfg.model.path)[1], sorted(rows, key=lambda r: r["prompt_id"]), a.best_of,
