@@ -71,6 +71,7 @@ def answer_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Figures of one model's answers; ``rows`` carry task, prompt, answer, tokens, finish, reward, expected."""
     from tao_spark.evaluate import distinct_n
     from tao_spark.rewards.verifiers import check_constraint, parse_constraints
+    from tao_spark.serve import wilson
 
     out: dict[str, Any] = {"prompts": len(rows)}
     instruct = [r for r in rows if parse_constraints(r["prompt"])]
@@ -83,6 +84,7 @@ def answer_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
             kinds[c.kind].append(ok)
     out["compliance"] = sum(strict) / len(strict) if strict else float("nan")
     out["compliance_n"] = len(strict)
+    out["compliance_low"], out["compliance_high"] = wilson(sum(strict), len(strict))
     out["compliance_by_kind"] = {k: sum(v) / len(v) for k, v in sorted(kinds.items())}
     arith = [r for r in rows if r["task"] == "arithmetic"]
     out["arithmetic_accuracy"] = (sum(correct(r["answer"], r["expected"]) for r in arith) / len(arith)
@@ -226,7 +228,8 @@ def collect(arm: str, home: Path, cfg_overrides: list[str], fixed: set[str] | No
 
 
 def markdown(result: dict[str, Any]) -> str:
-    cols = [("arm", "{}"), ("round", "{}"), ("compliance", "{:.3f}"), ("arithmetic_accuracy", "{:.3f}"),
+    cols = [("arm", "{}"), ("round", "{}"), ("compliance", "{:.3f}"), ("compliance_low", "{:.3f}"),
+            ("compliance_high", "{:.3f}"), ("arithmetic_accuracy", "{:.3f}"),
             ("support_reward", "{:.3f}"), ("reward", "{:.3f}"), ("tokens", "{:.1f}"), ("capped", "{:.2f}"),
             ("distinct2", "{:.3f}"), ("entropy", "{:.2f}")]
     head = [c for c, _ in cols] + ["win rate [95% CI]", "pairs", "promoted"]
