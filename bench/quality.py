@@ -256,6 +256,7 @@ def plot(result: dict[str, Any], path: Path) -> Any:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 4))
     panels = [("compliance", "strict compliance (instruct)", "best_of_"), ("arithmetic_accuracy",
@@ -271,11 +272,14 @@ def plot(result: dict[str, Any], path: Path) -> Any:
                 ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
             else:
                 ax.plot(xs, ys, marker="o", label=arm)
-        for name, value in result["ceiling"].items():
-            if ref and ((ref.startswith("best") and name.startswith(ref) and name.endswith("compliance"))
-                        or (ref.startswith("_") and name.endswith(ref))):
-                ax.axhline(value, linestyle=":", linewidth=1, color="black")
-                ax.annotate(name, (0, value), fontsize=7, va="bottom")
+        refs = [(name, value) for name, value in result["ceiling"].items()
+                if ref and ((ref.startswith("best") and name.startswith(ref) and name.endswith("compliance"))
+                            or (ref.startswith("_") and name.endswith(ref)))]
+        for i, (name, value) in enumerate(refs):
+            ax.axhline(value, linestyle=":", linewidth=1, color="black")
+            ax.annotate(f"base {name.removesuffix(ref if ref.startswith('_') else '_compliance')}", (0, value),
+                        xytext=(0, 3 + 9 * i), textcoords="offset points", fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.set_xlabel("round (0 = base model)")
         ax.legend(fontsize=7)
