@@ -60,11 +60,14 @@ def delta(home: Path, table: str) -> list[dict[str, Any]]:
     return DeltaTable(str(home / "lakehouse" / table)).to_pyarrow_table().to_pylist()
 
 
+def same_number(got: float | None, expected: float | None) -> bool:
+    return expected is not None and got is not None and math.isclose(got, expected, rel_tol=0, abs_tol=1e-6)
+
+
 def correct(answer: str, expected: float | None) -> bool:
     from tao_spark.rewards.verifiers import final_number
 
-    got = final_number(answer)
-    return expected is not None and got is not None and math.isclose(got, expected, rel_tol=0, abs_tol=1e-6)
+    return same_number(final_number(answer), expected)
 
 
 def answer_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -74,13 +77,15 @@ def answer_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
     from tao_spark.serve import wilson
 
     out: dict[str, Any] = {"prompts": len(rows)}
-    instruct = [r for r in rows if parse_constraints(r["prompt"])]
     kinds: dict[str, list[bool]] = collections.defaultdict(list)
     strict = []
-    for r in instruct:
-        met = [check_constraint(c, r["answer"]) for c in parse_constraints(r["prompt"])]
+    for r in rows:
+        constraints = parse_constraints(r["prompt"])
+        if not constraints:
+            continue
+        met = [check_constraint(c, r["answer"]) for c in constraints]
         strict.append(all(met))
-        for c, ok in zip(parse_constraints(r["prompt"]), met, strict=True):
+        for c, ok in zip(constraints, met, strict=True):
             kinds[c.kind].append(ok)
     out["compliance"] = sum(strict) / len(strict) if strict else float("nan")
     out["compliance_n"] = len(strict)
@@ -146,7 +151,7 @@ def ceiling(model_path: str, rows: list[dict[str, Any]], n: int, temperature: fl
             best_a.append(any(correct(t, r["expected"]) for t in texts))
             votes = collections.Counter(v for v in (final_number(t) for t in texts) if v is not None)
             top = votes.most_common(1)[0][0] if votes else None
-            major_a.append(top is not None and r["expected"] is not None and math.isclose(top, r["expected"]))
+            major_a.append(same_number(top, r["expected"]))
 
     def mean(xs: list[Any]) -> float:
         return sum(xs) / len(xs) if xs else float("nan")
