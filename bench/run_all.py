@@ -1,7 +1,7 @@
 """Every benchmark of the Spark paths against the bare libraries, into bench/results/latest.json (the run) and
 bench/results/history.jsonl (one line per run, kept in git).
 
-    make bench                                   # ingest, then this: ~6-8 min on 2 cores
+    make bench                                   # ingest, then this: ~25 min on 2 cores
     .venv/bin/python bench/run_all.py --tiny     # smoke run on a tiny random model (~2 min)
 
 Runs, in this order, each in a fresh process (an earlier benchmark's threads, engines and torch settings must not
@@ -30,11 +30,11 @@ import memory_bench  # noqa: E402
 from tao_spark.config import git_commit  # noqa: E402
 
 
-def child(script: str, tiny: bool) -> dict[str, Any]:
+def child(script: str, tiny: bool, *args: str) -> dict[str, Any]:
     """Run ``bench/<script>`` in a fresh interpreter (its output goes to ours) and return its JSON results."""
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve().parent / script), "--json", str(out)]
+        cmd = [sys.executable, str(Path(__file__).resolve().parent / script), "--json", str(out), *args]
         subprocess.run(cmd + (["--tiny"] if tiny and script != "scoring_bench.py" else []), check=True)
         result: dict[str, Any] = json.loads(out.read_text())
         return result
@@ -51,8 +51,10 @@ def main() -> None:
     machine, date = common.machine(), common.now()
     common.model_path(a.tiny)  # convert the model once, before any timed child
     gen = child("generation_bench.py", a.tiny)
-    sco = child("scoring_bench.py", a.tiny)
-    tra = child("training_bench.py", a.tiny)
+    # Ratios at sizes where a Spark job's or a launcher's fixed cost no longer decides them: a million candidates
+    # scored, 256 pairs trained (32 steps of 8); the smoke run keeps the scripts' small defaults.
+    sco = child("scoring_bench.py", a.tiny, *([] if a.tiny else ["--rows", "1000000"]))
+    tra = child("training_bench.py", a.tiny, *([] if a.tiny else ["--pairs", "256", "--batch", "8"]))
     mem = memory_bench.run(a.tiny)
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result = {

@@ -5,8 +5,8 @@
 
 Candidates: the bundled prompts, each with answers of the shapes the rewards look at (a bare number, a JSON
 object, prose with and without the asked-for words). Direct: every reward on all (prompt, completion) lists,
-prompt text prepared beforehand. UDF: ``mapInPandas(_score_partition)`` over 2 partitions on the embedded Sail
-session, forced with ``count()`` (``score.score_candidates`` MERGEs the same rows into Delta). An identity
+prompt text prepared beforehand. UDF: ``mapInPandas(_score_partition)`` over ``score.partitions`` partitions (the
+embedded default's) on the Sail session, forced with ``count()`` (``score.score_candidates`` MERGEs the same rows into Delta). An identity
 ``mapInPandas`` over the same rows gives Spark's own share.
 """
 
@@ -117,9 +117,15 @@ def run(rows: int = 20_000, partitions: int = 2) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=20_000)
+    ap.add_argument("--partitions", type=int, help="Spark partitions of the UDF (default: score.partitions of the "
+                    "embedded default's config, conf/local.yaml)")
     ap.add_argument("--json", help="also write the results to this file")
     a = ap.parse_args()
-    common.dump(run(a.rows), a.json)
+    if a.partitions is None:
+        from tao_spark.config import load_config
+
+        a.partitions = load_config(common.ROOT / "conf" / "local.yaml").score.partitions
+    common.dump(run(a.rows, a.partitions), a.json)
 
 
 if __name__ == "__main__":
