@@ -35,7 +35,10 @@ def child(script: str, tiny: bool, *args: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve().parent / script), "--json", str(out), *args]
-        subprocess.run(cmd + (["--tiny"] if tiny and script != "scoring_bench.py" else []), check=True)
+        rc = subprocess.run(cmd + (["--tiny"] if tiny and script != "scoring_bench.py" else [])).returncode
+        if rc != 0:
+            # The other benchmarks' figures still count: this one is recorded as failed and the run exits non-zero.
+            return {"error": f"{script} {' '.join(args)} exited with {rc}"}
         result: dict[str, Any] = json.loads(out.read_text())
         return result
 
@@ -57,12 +60,15 @@ def main() -> None:
     tra = child("training_bench.py", a.tiny, *([] if a.tiny else ["--pairs", "256", "--batch", "8"]))
     mem = memory_bench.run(a.tiny)
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    failed: list[str] = [r["error"] for r in (gen, sco, tra) if "error" in r]
     result = {
-        "generation_udf_ratio": gen["generation_udf_ratio"],
-        "scoring_udf_ratio": sco["scoring_udf_ratio"],
-        "training_distributor_ratio": tra["training_distributor_ratio"],
-        "model_loads_per_worker": {"generate": gen["model_loads_per_worker"], "score": sco["model_loads_per_worker"]},
-        "generation_roofline_fraction": gen["generation_roofline_fraction"],
+        "generation_udf_ratio": gen.get("generation_udf_ratio"),
+        "scoring_udf_ratio": sco.get("scoring_udf_ratio"),
+        "training_distributor_ratio": tra.get("training_distributor_ratio"),
+        "model_loads_per_worker": {"generate": gen.get("model_loads_per_worker"),
+                                   "score": sco.get("model_loads_per_worker")},
+        "generation_roofline_fraction": gen.get("generation_roofline_fraction"),
+        "failed": failed,
         "peak_rss_mb": {k: round(v["tree_peak_mb"]) for k, v in mem.items()},
         "machine": machine,
         "date": date,
@@ -79,6 +85,8 @@ def main() -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "details"}, indent=1, default=str))
     print(trend(Path(a.out).parent / "history.jsonl"))
     print(f"wrote {a.out} in {result['seconds']:.0f}s")
+    if failed:
+        sys.exit("failed: " + "; ".join(failed))
 
 
 def trend(history: Path, last: int = 10) -> str:

@@ -6,8 +6,8 @@
 Candidates: the bundled prompts, each with answers of the shapes the rewards look at (a bare number, a JSON
 object, prose with and without the asked-for words). Direct: every reward on all (prompt, completion) lists,
 prompt text prepared beforehand. UDF: ``mapInPandas(_score_partition)`` over ``score.partitions`` partitions (the
-embedded default's) on the Sail session, forced with ``count()`` (``score.score_candidates`` MERGEs the same rows into Delta). An identity
-``mapInPandas`` over the same rows gives Spark's own share.
+embedded default's) on the Sail session, forced with ``count()`` (``score.score_candidates`` MERGEs the same rows
+into Delta). An identity ``mapInPandas`` over the same rows gives Spark's own share.
 """
 
 from __future__ import annotations

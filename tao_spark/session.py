@@ -28,6 +28,9 @@ def _start_sail() -> str:
     global _server, start_seconds
     if _server is None:
         os.environ.setdefault("RUST_LOG", "error")  # Sail logs every session at INFO otherwise
+        # Sail ends a session after 900 s without a request, and a train stage makes none while torchrun works: a
+        # 12-minute training job found its session gone. The server lives and dies with this process anyway.
+        os.environ.setdefault("SAIL_SPARK__SESSION_TIMEOUT_SECS", str(7 * 24 * 3600))
         try:
             from pysail.spark import SparkConnectServer
         except ImportError:
