@@ -1,7 +1,7 @@
 """Every benchmark of the Spark paths against the bare libraries, into bench/results/latest.json (the run) and
 bench/results/history.jsonl (one line per run, kept in git).
 
-    make bench                                   # ingest, then this: ~25 min on 2 cores
+    make bench                                   # ingest, then this: ~40 min on 2 cores
     .venv/bin/python bench/run_all.py --tiny     # smoke run on a tiny random model (~2 min)
 
 Runs, in this order, each in a fresh process (an earlier benchmark's threads, engines and torch settings must not
