@@ -13,7 +13,6 @@ use here: a child forked from this large process inherits its high-water mark ac
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import subprocess
@@ -46,11 +45,9 @@ def stage(name: str, tiny: bool) -> None:
     elif name == "score":
         from scoring_bench import candidates
 
-        from tao_spark.score import _score_partition
-        from tao_spark.tables import SCHEMAS
+        from tao_spark.score import scored
 
-        worker = functools.partial(_score_partition, specs=common.reward_specs())
-        spark.createDataFrame(candidates(20_000)).repartition(2).mapInPandas(worker, SCHEMAS["scores"]).toPandas()
+        scored(spark.createDataFrame(candidates(20_000)).repartition(2), common.reward_specs()).toPandas()
     else:
         from training_bench import config, pairs
 

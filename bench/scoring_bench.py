@@ -1,19 +1,19 @@
-"""Scoring: the Spark UDF (``score._score_partition``) against the reward functions called directly.
+"""Scoring: the score stage's Spark job (``score.scored``) against the reward functions called directly.
 
     .venv/bin/python bench/scoring_bench.py                     # 20k candidates, the 5 built-in rewards
     .venv/bin/python bench/scoring_bench.py --rows 2000
 
 Candidates: the bundled prompts, each with answers of the shapes the rewards look at (a bare number, a JSON
 object, prose with and without the asked-for words). Direct: every reward on all (prompt, completion) lists,
-prompt text prepared beforehand. UDF: ``mapInPandas(_score_partition)`` over ``score.partitions`` partitions (the
-embedded default's) on the Sail session, forced with ``count()`` (``score.score_candidates`` MERGEs the same rows
-into Delta). An identity ``mapInPandas`` over the same rows gives Spark's own share.
+prompt text prepared beforehand. UDF: ``score.scored`` (``mapInPandas(_score_partition)``, one wide row per
+candidate, unpivoted by Spark into ``scores``' rows) over ``score.partitions`` partitions (the embedded default's)
+on the Sail session, forced with ``count()`` (``score.score_candidates`` MERGEs the same rows into Delta). An
+identity ``mapInPandas`` over the same rows gives Spark's own share.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -58,9 +58,8 @@ def run(rows: int = 20_000, partitions: int = 2) -> dict[str, Any]:
     from tao_spark import score
     from tao_spark.config import SparkConfig
     from tao_spark.rewards import load_reward, reward_text
-    from tao_spark.score import _score_partition
+    from tao_spark.score import _score_partition, scored
     from tao_spark.session import get_spark
-    from tao_spark.tables import SCHEMAS
 
     specs = common.reward_specs()
     pdf = candidates(rows)
@@ -82,7 +81,7 @@ def run(rows: int = 20_000, partitions: int = 2) -> dict[str, Any]:
     df.mapInPandas(_identity, df.schema).count()
     identity_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out_rows = df.mapInPandas(functools.partial(_score_partition, specs=specs), SCHEMAS["scores"]).count()
+    out_rows = scored(df, specs).count()
     udf_s = time.perf_counter() - t0
     df.unpersist()
     if out_rows != rows * (len(specs) + 1):
@@ -90,7 +89,7 @@ def run(rows: int = 20_000, partitions: int = 2) -> dict[str, Any]:
 
     # In-process profile of the worker on one partition's rows: where the UDF's time goes besides the rewards.
     t0 = time.perf_counter()
-    scored = score.score_frame(pdf, specs)
+    frame = score.score_frame(pdf, specs)
     frame_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     sum(len(f) for f in _score_partition(iter([pdf]), specs=specs))
@@ -103,7 +102,7 @@ def run(rows: int = 20_000, partitions: int = 2) -> dict[str, Any]:
         "udf": {"seconds": udf_s, "rows_per_s": rows / udf_s},
         "identity_udf_seconds": identity_s,
         "in_process": {"score_frame_seconds": frame_s, "score_partition_seconds": worker_s,
-                       "combined_nulls": int(scored["combined"].isna().sum())},
+                       "combined_nulls": int(frame["combined"].isna().sum())},
         "scoring_udf_ratio": direct_s / udf_s,
         "reward_loads_per_worker": loads,
         "model_loads_per_worker": max(loads.values(), default=0),

@@ -159,7 +159,9 @@ class ScoreConfig:
                "multiply or subtract")
         _check(self.length_penalty_weight >= 0, "score.length_penalty_weight", "must be >= 0")
         for i, r in enumerate(self.rewards):
-            _check(bool(r.name), f"score.rewards[{i}].name", "must not be empty")
+            # Each name is a column of the scoring UDF's output before it becomes a `reward_name` value.
+            _check(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", r.name) is not None, f"score.rewards[{i}].name",
+                   f"{r.name!r}: letters, digits and underscores, not starting with a digit")
             # These names are the stage's own rows in `scores`.
             _check(r.name not in ("combined", "combined_raw") and not r.name.endswith("_failed"),
                    f"score.rewards[{i}].name", "combined, combined_raw and *_failed are reserved")

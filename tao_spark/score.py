@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -145,22 +144,55 @@ def reward_key(specs: list[RewardSpec], cfg: ScoreConfig | None = None) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
+_IDS = ("round_id", "purpose", "prompt_id", "candidate_idx")
+
+
+def components(specs: list[RewardSpec], cfg: ScoreConfig | None = None) -> list[str]:
+    """The value columns the worker returns: each reward, each reward's failure flag, then the combined values.
+
+    A ``<name>_failed`` column exists for every reward (names ending so are reserved); it stays NaN for rewards that
+    record no failures, and those rows are dropped after the unpivot.
+    """
+    names = [s.name for s in specs] + [f"{s.name}_failed" for s in specs]
+    if cfg is not None and cfg.length_control != "none":
+        names.append(COMBINED_RAW)
+    return [*names, COMBINED]
+
+
+def wide_schema(specs: list[RewardSpec], cfg: ScoreConfig | None = None) -> str:
+    """The worker's output: the candidate's key and one double per component."""
+    types = dict(f.split(" ", 1) for f in SCHEMAS["scores"].split(", "))
+    return ", ".join([f"{c} {types[c]}" for c in _IDS] + [f"`{c}` double" for c in components(specs, cfg)])
+
+
 def _score_partition(batches: Iterator[pd.DataFrame], *, specs: list[RewardSpec],
                      cfg: ScoreConfig | None = None) -> Iterator[pd.DataFrame]:
-    """mapInPandas worker: candidates in, one row per (candidate, component) out (rewards, failures, combined)."""
-    key = reward_key(specs, cfg)
+    """mapInPandas worker: candidates in, one wide row per candidate out (its key and every component's value).
+
+    Wide rather than one row per (candidate, component): the long rows, with their repeated keys, were six times
+    the Arrow payload and a pandas reshape per batch; Spark unpivots them instead (``scored``).
+    """
+    cols = components(specs, cfg)
     for pdf in batches:
-        scored = score_frame(pdf, specs, cfg)
+        scored = score_frame(pdf, specs, cfg).reindex(columns=cols).astype("float64")
         scored.index = pdf.index
-        # Wide to long with one melt: building a dict per (candidate, component) was a third of scoring time.
-        ids = pdf[["round_id", "purpose", "prompt_id", "candidate_idx"]]
-        long = ids.join(scored.astype("float64")).melt(
-            id_vars=list(ids.columns), var_name="reward_name", value_name="value")
-        long["value"] = long["value"].astype(object).where(long["value"].notna(), None)
-        long["reward_key"] = key
-        long["reused_from"] = None
-        long["created_at"] = datetime.now(timezone.utc)
-        yield long[columns("scores")]
+        yield pd.concat([pdf[list(_IDS)], scored], axis=1)
+
+
+def scored(cands: DataFrame, specs: list[RewardSpec], cfg: ScoreConfig | None = None) -> DataFrame:
+    """Score rows for ``cands`` (the candidate key, ``completion``, ``messages_json``), in ``scores``' columns."""
+    from pyspark.sql import functions as F
+
+    cols = components(specs, cfg)
+    wide = cands.mapInPandas(functools.partial(_score_partition, specs=specs, cfg=cfg), wide_schema(specs, cfg))
+    long = wide.unpivot(list(_IDS), cols, "reward_name", "value")
+    value = F.when(F.isnan("value"), None).otherwise(F.col("value"))  # a reward that does not apply: NULL
+    return (long.withColumn("value", value)
+            .where(~(F.col("reward_name").endswith("_failed") & F.col("value").isNull()))
+            .withColumn("reward_key", F.lit(reward_key(specs, cfg)))
+            .withColumn("reused_from", F.lit(None).cast("string"))
+            .withColumn("created_at", F.current_timestamp())
+            .select(*columns("scores")))
 
 
 def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
@@ -191,16 +223,15 @@ def score_candidates(tables: Tables, prompts: DataFrame, *, round_id: str, purpo
     tables.ensure("scores")
     cands = tables.read("candidates").where((F.col("round_id") == round_id) & (F.col("purpose") == purpose))
     reused = _reuse(tables, cands, round_id=round_id, purpose=purpose, key=reward_key(cfg.rewards, cfg))
-    scored = (tables.read("scores").where((F.col("round_id") == round_id) & (F.col("purpose") == purpose)
-                                          & (F.col("reward_name") == COMBINED))
-              .select("prompt_id", "candidate_idx"))
-    todo = (cands.join(scored, ["prompt_id", "candidate_idx"], "left_anti")
+    done = (tables.read("scores").where((F.col("round_id") == round_id) & (F.col("purpose") == purpose)
+                                        & (F.col("reward_name") == COMBINED))
+            .select("prompt_id", "candidate_idx"))
+    todo = (cands.join(done, ["prompt_id", "candidate_idx"], "left_anti")
             .join(prompts.select("prompt_id", F.to_json("messages").alias("messages_json")), "prompt_id")
             .select("round_id", "purpose", "prompt_id", "candidate_idx", "completion", "messages_json"))
     t0 = time.perf_counter()
     # By prompt: rewards that compare a prompt's candidates (majority vote) need them in one partition.
-    out = todo.repartition(cfg.partitions, "prompt_id").sortWithinPartitions("prompt_id").mapInPandas(
-        functools.partial(_score_partition, specs=cfg.rewards, cfg=cfg), SCHEMAS["scores"])
+    out = scored(todo.repartition(cfg.partitions, "prompt_id").sortWithinPartitions("prompt_id"), cfg.rewards, cfg)
     written = tables.merge("scores", out)
     print(f"tao: score[{purpose}]: {written} score rows in {time.perf_counter() - t0:.1f}s "
           f"({reused} reused from earlier rounds)", file=sys.stderr)

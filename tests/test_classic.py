@@ -123,8 +123,8 @@ def test_generation_fans_out_and_loads_once_per_worker(classic: Any, tiny_model:
 
 
 def test_scoring_matches_in_process_and_loads_once_per_worker(classic: Any) -> None:
-    from tao_spark.score import COMBINED, _score_partition, score_frame
-    from tao_spark.tables import SCHEMAS, columns
+    from tao_spark.score import COMBINED, _score_partition, score_frame, scored, wide_schema
+    from tao_spark.tables import columns
 
     answers = ["8", "The answer is 8.", '{"answer": 8}', "I do not know, sorry sorry sorry sorry.", ""]
     cands = pd.DataFrame([
@@ -133,16 +133,17 @@ def test_scoring_matches_in_process_and_loads_once_per_worker(classic: Any) -> N
          "messages_json": json.dumps([{"role": "user", "content": f"What is {i} + 4? Answer with a single number."}])}
         for i in range(20) for j in range(2)
     ])
+    df = classic.createDataFrame(cands).repartition(4)
     worker = functools.partial(_score_partition, specs=REWARDS)
     tagged = functools.partial(_with_worker_info, worker=worker, counts="tao_spark.score:load_counts")
-    rows = (classic.createDataFrame(cands).repartition(4)
-            .mapInPandas(tagged, SCHEMAS["scores"] + ", pid long, loads string").toPandas())
+    wide = df.mapInPandas(tagged, wide_schema(REWARDS) + ", pid long, loads string").toPandas()
+    long = scored(df, REWARDS).toPandas()  # what the score stage MERGEs: Spark unpivots the worker's rows
 
-    assert list(rows.columns[:-2]) == columns("scores")
-    names = [s.name for s in REWARDS] + [COMBINED]
-    assert len(rows) == len(cands) * len(names)
+    assert list(long.columns) == columns("scores")
+    names = [s.name for s in REWARDS] + [COMBINED]  # these rewards record no failures: no *_failed rows
+    assert len(long) == len(cands) * len(names) and set(long["reward_name"]) == set(names)
     expected = score_frame(cands, REWARDS)  # the same frame scored in this process
-    got = rows.pivot_table(index=["prompt_id", "candidate_idx"], columns="reward_name", values="value",
+    got = long.pivot_table(index=["prompt_id", "candidate_idx"], columns="reward_name", values="value",
                            dropna=False, aggfunc="first")
     keys = cands[["prompt_id", "candidate_idx"]].itertuples(index=False)
     for (pid, idx), want in zip(keys, expected.itertuples(), strict=True):
@@ -150,7 +151,8 @@ def test_scoring_matches_in_process_and_loads_once_per_worker(classic: Any) -> N
             w, g = getattr(want, name), got.loc[(pid, idx), name]
             assert (pd.isna(w) and pd.isna(g)) or abs(w - g) < 1e-12, (pid, idx, name, w, g)
 
-    per_pid = _loads_per_pid(rows)
+    assert len(wide) == len(cands)
+    per_pid = _loads_per_pid(wide)
     assert os.getpid() not in per_pid and 1 <= len(per_pid) <= 2
     for loads in per_pid.values():
         assert len(loads) == len(REWARDS) and set(loads.values()) == {1}, per_pid

@@ -87,6 +87,8 @@ def test_digest_follows_the_values() -> None:
     (["score.rewards=[{name: a, fn: f, weight: heavy}]"], "score.rewards[0].weight"),
     (["score.rewards=[{name: a, fn: f}, {name: b, fn: g, colour: red}]"], "score.rewards[1].colour"),
     (["score.rewards=[{name: a, fn: f}, {name: a, fn: g}]"], "score.rewards"),
+    (["score.rewards=[{name: my-reward, fn: f}]"], "score.rewards[0].name"),
+    (["score.rewards=[{name: a_failed, fn: f}]"], "score.rewards[0].name"),
     (["generate"], "generate"),
 ])
 def test_invalid_values_name_the_dotted_key(overrides: list[str], key: str) -> None:

@@ -10,12 +10,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pandas as pd
 import pytest
+from pyspark.sql import functions as F
 
 from tao_spark.config import RewardSpec
 from tao_spark.rewards import judge as judge_mod
 from tao_spark.rewards import load_reward
 from tao_spark.rewards.judge import Judge, parse_rating, parse_verdict
-from tao_spark.score import COMBINED, score_frame
+from tao_spark.score import COMBINED, reward_key, score_frame, scored
+from tao_spark.tables import columns
 
 
 @pytest.mark.parametrize("reply,value", [("Rating: 7", 6 / 9), ("10", 1.0), ("[[1]]", 0.0), ("Score: 4/10", 3 / 9),
@@ -111,7 +113,7 @@ def test_pairwise_mode_scores_win_share_within_a_prompt(server):
     assert math.isnan(out[5]) and fn.last_failures == [False] * 6  # alone: not applicable, not a failure
 
 
-def test_score_stage_stores_the_judge_failure_component(server):
+def test_score_stage_stores_the_judge_failure_component(server, spark):
     specs = [RewardSpec(name="judge", fn="judge", params={"base_url": server.url}),
              RewardSpec(name="coh", fn="coherence", weight=0.0)]
     msgs = json.dumps([{"role": "user", "content": "Tell me about tides."}])
@@ -120,6 +122,20 @@ def test_score_stage_stores_the_judge_failure_component(server):
     assert list(out.columns) == ["judge", "coh", "judge_failed", COMBINED]
     assert list(out["judge_failed"]) == [0.0, 1.0, 0.0]
     assert math.isnan(out["judge"][1]) and math.isnan(out[COMBINED][1])  # a failure is not a silent 0
+
+    # Through the stage's Spark job: the failure flag becomes a `judge_failed` row, NaN becomes NULL, and the
+    # reward that records no failures gets no `coh_failed` row.
+    keys = pd.DataFrame({"round_id": "r1", "purpose": "train", "prompt_id": "p1", "candidate_idx": [0, 1, 2]})
+    df = scored(spark.createDataFrame(pd.concat([keys, pdf], axis=1)), specs)
+    rows = df.toPandas()
+    assert list(rows.columns) == columns("scores")
+    assert sorted(set(rows["reward_name"])) == sorted(["judge", "coh", "judge_failed", COMBINED])
+    got = rows.set_index(["candidate_idx", "reward_name"])["value"]
+    assert [got[(i, "judge_failed")] for i in range(3)] == [0.0, 1.0, 0.0]
+    assert got[(1, "judge")] is None or pd.isna(got[(1, "judge")])
+    # The failed answer's judge and combined values are NULL in Spark, not NaN.
+    assert df.where(F.col("value").isNull()).count() == 2 and df.where(F.isnan("value")).count() == 0
+    assert (rows["reward_key"] == reward_key(specs)).all() and rows["reused_from"].isna().all()
 
 
 def test_judge_params_are_checked():
