@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from tao_spark.config import RewardSpec, ScoreConfig
@@ -52,14 +53,15 @@ def get_reward(spec: RewardSpec) -> Any:
         return _rewards[key]
 
 
-def combine(values: dict[str, float], weights: dict[str, float]) -> float | None:
-    """Weighted mean over the components that apply; None when none does."""
-    num = den = 0.0
-    for name, v in values.items():
-        if v is not None and not math.isnan(v) and weights[name] > 0:
-            num += weights[name] * v
-            den += weights[name]
-    return num / den if den > 0 else None
+def combine(values: pd.DataFrame, weights: dict[str, float]) -> np.ndarray:
+    """Per row, the weighted mean over the components that apply (not NaN, weight > 0); NaN where none does."""
+    vals = values.to_numpy(dtype="float64")
+    w = np.array([weights[c] for c in values.columns], dtype="float64")
+    applies = ~np.isnan(vals) & (w > 0)
+    den = np.where(applies, w, 0.0).sum(axis=1)
+    num = np.where(applies, np.nan_to_num(vals) * w, 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, np.nan)
 
 
 def score_frame(pdf: pd.DataFrame, specs: list[RewardSpec], cfg: ScoreConfig | None = None) -> pd.DataFrame:
@@ -69,7 +71,9 @@ def score_frame(pdf: pd.DataFrame, specs: list[RewardSpec], cfg: ScoreConfig | N
     failed; the reward itself is NaN there). With ``cfg.length_control`` on, ``combined`` is the length-adjusted
     value and ``combined_raw`` the weighted mean before adjustment.
     """
-    prompts = [reward_text(json.loads(m)) for m in pdf["messages_json"]]
+    # A prompt's N candidates share its messages: parse each distinct one once.
+    texts = {m: reward_text(json.loads(m)) for m in pdf["messages_json"].unique()}
+    prompts = [texts[m] for m in pdf["messages_json"]]
     completions = [c or "" for c in pdf["completion"]]
     out = pd.DataFrame(index=pdf.index)
     failed: dict[str, list[float]] = {}
@@ -78,12 +82,12 @@ def score_frame(pdf: pd.DataFrame, specs: list[RewardSpec], cfg: ScoreConfig | N
         vals = fn(prompts, completions)
         if len(vals) != len(completions):
             raise ValueError(f"reward {spec.name!r} returned {len(vals)} values for {len(completions)} rows")
-        out[spec.name] = [float("nan") if v is None else float(v) for v in vals]
+        out[spec.name] = np.array(vals, dtype="float64")  # None -> NaN: the reward does not apply
         failures = getattr(fn, "last_failures", None)  # per thread: Sail runs a worker's partitions as threads
         if failures is not None:
             failed[f"{spec.name}_failed"] = [float(bool(f)) for f in failures]
     weights = {s.name: s.weight for s in specs}
-    combined = [combine(row, weights) for row in out[[s.name for s in specs]].to_dict("records")]
+    combined = combine(out[[s.name for s in specs]], weights)
     for name, flags in failed.items():
         out[name] = flags
     control = cfg.length_control if cfg is not None else "none"
@@ -91,8 +95,8 @@ def score_frame(pdf: pd.DataFrame, specs: list[RewardSpec], cfg: ScoreConfig | N
         assert cfg is not None
         out[COMBINED_RAW] = combined
         words = [len(c.split()) for c in completions]
-        combined = (length_penalized(combined, words, cfg) if control == "penalty"
-                    else length_decorrelated(combined, words))
+        combined = np.array(length_penalized(list(combined), words, cfg) if control == "penalty"
+                            else length_decorrelated(list(combined), words), dtype="float64")
     out[COMBINED] = combined
     return out
 
