@@ -198,17 +198,19 @@ from tao_spark.session import get_spark
 from tao_spark.train import train_on_pairs
 from tests.test_train import _pairs, _resume_cfg
 get_spark()
-train_on_pairs(_pairs(16), sys.argv[1], sys.argv[2], _resume_cfg(), seed=0)
+train_on_pairs(_pairs(16), sys.argv[1], sys.argv[2], _resume_cfg(sys.argv[3]), seed=0)
 """
 
 
-def _resume_cfg() -> TrainConfig:
-    return TrainConfig(method="dpo", lora_r=4, lora_alpha=8, checkpoint_steps=2,
+def _resume_cfg(method: str = "dpo") -> TrainConfig:
+    return TrainConfig(method=method, lora_r=4, lora_alpha=8, checkpoint_steps=2,
                        trl={"per_device_train_batch_size": 4, "num_train_epochs": 2, "learning_rate": 1e-3})
 
 
 @pytest.mark.integration
-def test_training_killed_mid_way_resumes_to_the_same_model(tiny_model: Path, tmp_path: Path, spark: Any) -> None:
+@pytest.mark.parametrize("method", ["dpo", "sft"])
+def test_training_killed_mid_way_resumes_to_the_same_model(method: str, tiny_model: Path, tmp_path: Path,
+                                                           spark: Any) -> None:
     """SIGKILL after a checkpoint, re-run: the same number of optimizer steps in total and the same adapter as a
     run never killed (no batch seen twice or skipped, the optimizer and RNG states restored)."""
     import os
@@ -220,11 +222,12 @@ def test_training_killed_mid_way_resumes_to_the_same_model(tiny_model: Path, tmp
     import torch
     from safetensors.torch import load_file
 
-    ref = train_on_pairs(_pairs(16), str(tiny_model), str(tmp_path / "ref"), _resume_cfg(), seed=0, spark=spark)
+    ref = train_on_pairs(_pairs(16), str(tiny_model), str(tmp_path / "ref"), _resume_cfg(method), seed=0,
+                         spark=spark)
     assert ref.metrics["steps"] == 8 and len(ref.loss_history) == 8
 
     out = tmp_path / "killed"
-    child = subprocess.Popen([sys.executable, "-c", _TRAIN_IN_A_CHILD, str(tiny_model), str(out)],
+    child = subprocess.Popen([sys.executable, "-c", _TRAIN_IN_A_CHILD, str(tiny_model), str(out), method],
                              cwd=Path(__file__).resolve().parent.parent, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -236,7 +239,7 @@ def test_training_killed_mid_way_resumes_to_the_same_model(tiny_model: Path, tmp
     child.wait()
     assert not (out / "metrics.json").exists()
 
-    resumed = train_on_pairs(_pairs(16), str(tiny_model), str(out), _resume_cfg(), seed=0, spark=spark)
+    resumed = train_on_pairs(_pairs(16), str(tiny_model), str(out), _resume_cfg(method), seed=0, spark=spark)
     assert resumed.metrics["steps"] == 8 and len(resumed.loss_history) == 8
     assert resumed.loss_history[:4] == pytest.approx(ref.loss_history[:4], rel=1e-4)
     assert resumed.loss_history == pytest.approx(ref.loss_history, rel=1e-3, abs=1e-4)
