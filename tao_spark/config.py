@@ -181,11 +181,14 @@ class SelectConfig:
                                      "widest pair that no reward component contradicts; length_band: the widest "
                                      "pair of similar lengths (select.length_band)")
     length_band: float = _f(0.5, "length_band: the longer answer has at most (1 + this) times the shorter's tokens")
+    pairs_per_prompt: int = _f(1, "pairs kept per prompt: its k widest allowed pairs of distinct answers (1: the "
+                                  "strategy's single pair)")
 
     def __post_init__(self) -> None:
         _check(self.min_margin >= 0, "select.min_margin", "must be >= 0")
         _check(self.strategy in STRATEGIES, "select.strategy", ", ".join(STRATEGIES))
         _check(self.length_band >= 0, "select.length_band", "must be >= 0")
+        _check(self.pairs_per_prompt >= 1, "select.pairs_per_prompt", "must be >= 1")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Select: turn scored candidates into preference pairs, one per prompt.
+"""Select: turn scored candidates into preference pairs, one or more per prompt.
 
     tao select --round ROUND_ID
 
@@ -10,10 +10,14 @@ Pure Spark SQL. ``select.strategy`` decides which two candidates of a prompt mak
 - ``length_band``: the widest pair whose answers are of similar length (``select.length_band``), so the
   preference cannot be learnt as "be shorter" or "be longer".
 
+``select.pairs_per_prompt`` = k > 1 keeps a prompt's k widest allowed pairs instead of its widest one (with
+``best_worst``: every pair is allowed), so a prompt with several distinct failure modes teaches each of them.
+
 A prompt yields a pair only when chosen beats rejected by at least ``select.min_margin``; ties and all-equal
 groups are dropped, so every row has chosen_score > rejected_score. Candidates with the same text are one
 candidate (identical samples carry no preference). The ``chosen`` column alone is the best-of-N set that
-``train.method=sft`` trains on.
+``train.method=sft`` trains on. Re-running select replaces the round's pairs: a pair the current settings no
+longer make is deleted, so the table always says what the settings of the last run chose.
 """
 
 from __future__ import annotations
@@ -27,16 +31,17 @@ from pyspark.sql.window import Window
 from tao_spark.config import Config, SelectConfig
 from tao_spark.rounds import Round, StageResult, versions
 from tao_spark.score import COMBINED, COMBINED_RAW
-from tao_spark.tables import Tables
+from tao_spark.tables import KEYS, Tables
 
 
 def pairs(candidates: DataFrame, combined: DataFrame, cfg: SelectConfig, round_id: str,
           components: DataFrame | None = None) -> DataFrame:
-    """One pair per prompt from candidates and their combined scores (prompt_id, candidate_idx, value);
-    ``consensus`` also needs the per-component scores (prompt_id, candidate_idx, reward_name, value)."""
+    """Up to ``cfg.pairs_per_prompt`` pairs per prompt from candidates and their combined scores (prompt_id,
+    candidate_idx, value); ``consensus`` also needs the per-component scores (prompt_id, candidate_idx,
+    reward_name, value)."""
     scored = (candidates.join(combined, ["prompt_id", "candidate_idx"])
               .where(F.col("value").isNotNull()))
-    if cfg.strategy != "best_worst":
+    if cfg.strategy != "best_worst" or cfg.pairs_per_prompt > 1:
         return _finish(_widest(scored, cfg, components), cfg, round_id)
     best = Window.partitionBy("prompt_id").orderBy(F.desc("value"), F.asc("candidate_idx"))
     # Among equally bad candidates prefer the longest as rejected: it is the clearest contrast.
@@ -53,7 +58,11 @@ def pairs(candidates: DataFrame, combined: DataFrame, cfg: SelectConfig, round_i
 
 
 def _widest(scored: DataFrame, cfg: SelectConfig, components: DataFrame | None) -> DataFrame:
-    """Among every ordered pair of a prompt's candidates that the strategy allows, the one of largest margin."""
+    """Among every ordered pair of a prompt's candidates that the strategy allows, the ``pairs_per_prompt`` of
+    largest margin (one for best-vs-worst ties: the same order as the window path)."""
+    # One candidate per distinct text, so that k pairs are k different contrasts, not one contrast repeated.
+    first = Window.partitionBy("prompt_id", "completion").orderBy("candidate_idx")
+    scored = scored.withColumn("text_rank", F.row_number().over(first)).where("text_rank = 1").drop("text_rank")
     c, r = scored.alias("c"), scored.alias("r")
     allowed = (c.join(r, (F.col("c.prompt_id") == F.col("r.prompt_id")) & (F.col("c.value") > F.col("r.value"))
                       & (F.col("c.completion") != F.col("r.completion")))
@@ -81,7 +90,7 @@ def _widest(scored: DataFrame, cfg: SelectConfig, components: DataFrame | None) 
     order = Window.partitionBy("prompt_id").orderBy(
         F.desc(F.col("chosen_score") - F.col("rejected_score")), F.asc("chosen_idx"), F.desc("rejected_tokens"),
         F.asc("rejected_idx"))
-    return allowed.withColumn("rank", F.row_number().over(order)).where("rank = 1")
+    return allowed.withColumn("rank", F.row_number().over(order)).where(F.col("rank") <= cfg.pairs_per_prompt)
 
 
 def _finish(joined: DataFrame, cfg: SelectConfig, round_id: str) -> DataFrame:
@@ -109,9 +118,19 @@ def write_pairs(tables: Tables, *, round_id: str, cfg: SelectConfig) -> int:
     components = (scores.where(~F.col("reward_name").isin(COMBINED, COMBINED_RAW)
                                & ~F.col("reward_name").endswith("_failed"))
                   .select("prompt_id", "candidate_idx", "reward_name", "value"))
-    tables.merge("preferences", pairs(cands, combined, cfg, round_id, components))
+    made = pairs(cands, combined, cfg, round_id, components)
+    tables.merge("preferences", made)
+    key = list(KEYS["preferences"])
+    # Pairs an earlier run of this round made under other settings; merge-then-delete, so a run killed between
+    # the two ends, when re-run, in the same table as a run never killed.
+    stale = (tables.read("preferences").where(F.col("round_id") == round_id).select(*key)
+             .join(made.select(*key), key, "left_anti").toPandas())
+    if len(stale):
+        tables.delete("preferences", tables.spark.createDataFrame(stale, "round_id string, prompt_id string, "
+                                                                           "chosen_idx int, rejected_idx int"))
+        print(f"tao: select: removed {len(stale)} pairs an earlier run of round {round_id} made", file=sys.stderr)
     n = tables.read("preferences").where(F.col("round_id") == round_id).count()
     prompts = cands.select("prompt_id").distinct().count()
-    print(f"tao: select: {n} pairs from {prompts} prompts (strategy={cfg.strategy}, min_margin={cfg.min_margin})",
-          file=sys.stderr)
+    print(f"tao: select: {n} pairs from {prompts} prompts (strategy={cfg.strategy}, min_margin={cfg.min_margin}, "
+          f"pairs_per_prompt={cfg.pairs_per_prompt})", file=sys.stderr)
     return n

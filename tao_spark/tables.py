@@ -88,7 +88,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     # purpose: train (sampled for selection) or eval_challenger / eval_champion (greedy answers to held-out prompts)
     "candidates": ("round_id", "purpose", "prompt_id", "candidate_idx"),
     "scores": ("round_id", "purpose", "prompt_id", "candidate_idx", "reward_name"),
-    "preferences": ("round_id", "prompt_id"),
+    "preferences": ("round_id", "prompt_id", "chosen_idx", "rejected_idx"),
     "evaluations": ("round_id", "prompt_id"),
     "rounds": ("round_id",),
     "locks": ("name", "holder"),

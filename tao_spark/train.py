@@ -135,8 +135,8 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
     else:
         prefs = (tables.read("preferences").where(F.col("round_id") == rnd.round_id)
                  .join(train_prompts.select("prompt_id", F.to_json("messages").alias("messages_json")), "prompt_id")
-                 .select("prompt_id", "messages_json", "chosen", "rejected", "margin").orderBy("prompt_id")
-                 .toPandas())
+                 .select("prompt_id", "chosen_idx", "rejected_idx", "messages_json", "chosen", "rejected", "margin")
+                 .orderBy("prompt_id", "chosen_idx", "rejected_idx").toPandas())
         if prefs.empty:
             raise UserError(f"round {rnd.round_id}: no preference pairs to train on "
                             f"(lower select.min_margin or raise generate.n)")

@@ -90,3 +90,49 @@ def test_unknown_strategy_is_refused():
 
     with pytest.raises(ConfigError, match="select.strategy"):
         SelectConfig(strategy="random")
+
+
+def test_several_pairs_per_prompt_are_the_widest_distinct_contrasts(spark):
+    rows = [("a", 0, "A", 5, 0.9), ("a", 1, "B", 5, 0.7), ("a", 2, "C", 5, 0.4), ("a", 3, "D", 9, 0.1),
+            ("a", 4, "D", 9, 0.1),                       # the same text twice is one candidate, not a second pair
+            ("b", 0, "P", 5, 0.9), ("b", 1, "Q", 5, 0.88)]  # b: its only pair is below the margin
+    cands, scores = _frames(spark, rows)
+    one = pairs(cands, scores, SelectConfig(min_margin=0.05), "r1").collect()
+    got = pairs(cands, scores, SelectConfig(min_margin=0.05, pairs_per_prompt=3), "r1").collect()
+    # Margins: A>D 0.8, B>D 0.6, A>C 0.5, then A>B 0.2, B>C 0.3, C>D 0.3 are left out at k = 3.
+    assert sorted((r.chosen, r.rejected) for r in got) == [("A", "C"), ("A", "D"), ("B", "D")]
+    assert {(r.chosen_idx, r.rejected_idx) for r in got} == {(0, 2), (0, 3), (1, 3)}
+    assert [(r.chosen, r.rejected) for r in one] == [("A", "D")]
+    assert all(r.margin >= 0.05 and r.chosen_score > r.rejected_score for r in got)
+    every = pairs(cands, scores, SelectConfig(min_margin=0.05, pairs_per_prompt=10), "r1").collect()
+    assert len(every) == 6  # all ordered pairs of the four distinct answers of a: nothing doubled
+    with pytest.raises(Exception, match="select.pairs_per_prompt"):
+        SelectConfig(pairs_per_prompt=0)
+
+
+def test_rerunning_select_with_other_settings_replaces_the_rounds_pairs(spark, tables):
+    from pyspark.sql import functions as F
+
+    from tao_spark.select import write_pairs
+    from tao_spark.tables import SCHEMAS, columns
+
+    rows = [("a", 0, "A", 5, 0.9), ("a", 1, "B", 5, 0.6), ("a", 2, "C", 5, 0.1),
+            ("b", 0, "P", 5, 0.8), ("b", 1, "Q", 5, 0.2)]
+    base = {"purpose": "train", "finish_reason": "stop", "policy": "p", "policy_id": "p", "sampling": "{}",
+            "seed": 0, "reused_from": None, "reward_key": "k"}
+    for rid in ("r1", "r2"):
+        cands = pd.DataFrame([{**base, "round_id": rid, "prompt_id": p, "candidate_idx": i, "task": "t",
+                               "completion": text, "tokens": tok} for p, i, text, tok, _ in rows])
+        scores = pd.DataFrame([{**base, "round_id": rid, "prompt_id": p, "candidate_idx": i,
+                                "reward_name": "combined", "value": v} for p, i, _, _, v in rows])
+        for name, df in (("candidates", cands), ("scores", scores)):
+            df["created_at"] = pd.Timestamp("2026-01-01")
+            tables.merge(name, spark.createDataFrame(df[columns(name)], SCHEMAS[name]))
+    assert write_pairs(tables, round_id="r1", cfg=SelectConfig(pairs_per_prompt=3)) == 4  # a: 3, b: 1
+    assert write_pairs(tables, round_id="r2", cfg=SelectConfig()) == 2
+    # Again with the same settings: nothing changes; with one pair per prompt: a's two narrower pairs go.
+    assert write_pairs(tables, round_id="r1", cfg=SelectConfig(pairs_per_prompt=3)) == 4
+    assert write_pairs(tables, round_id="r1", cfg=SelectConfig()) == 2
+    r1 = tables.read("preferences").where(F.col("round_id") == "r1").collect()
+    assert sorted((r.chosen, r.rejected) for r in r1) == [("A", "C"), ("P", "Q")]
+    assert tables.read("preferences").where(F.col("round_id") == "r2").count() == 2  # another round untouched
