@@ -119,16 +119,18 @@ def write_pairs(tables: Tables, *, round_id: str, cfg: SelectConfig) -> int:
                                & ~F.col("reward_name").endswith("_failed"))
                   .select("prompt_id", "candidate_idx", "reward_name", "value"))
     made = pairs(cands, combined, cfg, round_id, components)
-    tables.merge("preferences", made)
+    # Update matched pairs too: another strategy may make the same pair, and its row must name that strategy.
+    tables.merge("preferences", made, update=True)
     key = list(KEYS["preferences"])
     # Pairs an earlier run of this round made under other settings; merge-then-delete, so a run killed between
-    # the two ends, when re-run, in the same table as a run never killed.
+    # the two ends, when re-run, in the same table as a run never killed. Collected first: the keys are few,
+    # and a MERGE whose source reads its own target is not something every engine here supports.
     stale = (tables.read("preferences").where(F.col("round_id") == round_id).select(*key)
-             .join(made.select(*key), key, "left_anti").toPandas())
-    if len(stale):
-        tables.delete("preferences", tables.spark.createDataFrame(stale, "round_id string, prompt_id string, "
-                                                                           "chosen_idx int, rejected_idx int"))
-        print(f"tao: select: removed {len(stale)} pairs an earlier run of round {round_id} made", file=sys.stderr)
+             .join(made.select(*key), key, "left_anti"))
+    gone = stale.toPandas()
+    if len(gone):
+        tables.delete("preferences", tables.spark.createDataFrame(gone, stale.schema))
+        print(f"tao: select: removed {len(gone)} pairs an earlier run of round {round_id} made", file=sys.stderr)
     n = tables.read("preferences").where(F.col("round_id") == round_id).count()
     prompts = cands.select("prompt_id").distinct().count()
     print(f"tao: select: {n} pairs from {prompts} prompts (strategy={cfg.strategy}, min_margin={cfg.min_margin}, "

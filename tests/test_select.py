@@ -136,3 +136,7 @@ def test_rerunning_select_with_other_settings_replaces_the_rounds_pairs(spark, t
     r1 = tables.read("preferences").where(F.col("round_id") == "r1").collect()
     assert sorted((r.chosen, r.rejected) for r in r1) == [("A", "C"), ("P", "Q")]
     assert tables.read("preferences").where(F.col("round_id") == "r2").count() == 2  # another round untouched
+    # The same pairs made by another strategy: the rows say which strategy made them now.
+    assert write_pairs(tables, round_id="r1", cfg=SelectConfig(strategy="consensus")) == 2
+    assert {r.strategy for r in tables.read("preferences").where(F.col("round_id") == "r1").collect()} == {"consensus"}
+    assert {r.strategy for r in tables.read("preferences").where(F.col("round_id") == "r2").collect()} == {"best_worst"}
