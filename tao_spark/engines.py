@@ -86,6 +86,44 @@ def _check_args(chats: list[Chat], n: int, temperature: float, top_p: float, max
                          f"max_new_tokens={max_new_tokens}")
 
 
+DECODE_ATTENTION = "tao_decode"
+
+
+def _decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention for one new token per row: grouped-query heads read their shared K/V in place; else SDPA.
+
+    SDPA on the CPU first copies every key/value head out to each query head sharing it (``repeat_kv``: the whole
+    cache, every layer, every step) and then runs a flash kernel tiled for long queries; for one query token that
+    was a third of a decode step. Here the query heads of a group form the rows of one small matmul against their
+    K/V head. float32 answers match SDPA's on the engine's test prompts; the softmax runs in float32 for every dtype.
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or kwargs.get("s_aux") is not None or kwargs.get("softcap"):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    batch, heads, _, dim = query.shape
+    groups = key.shape[1]
+    q = query.reshape(batch, groups, heads // groups, dim)  # query head h reads K/V head h // (heads // groups)
+    scores = (q @ key.transpose(-1, -2)).float() * (scaling if scaling is not None else dim ** -0.5)
+    if attention_mask is not None:  # [batch or 1, 1, 1, keys] broadcasts over [batch, groups, heads/group, keys]
+        scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
+                  else scores + attention_mask)
+    out = torch.softmax(scores, dim=-1).to(value.dtype) @ value
+    return out.reshape(batch, 1, heads, dim), None
+
+
+def _register_decode_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(DECODE_ATTENTION, _decode_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTENTION, sdpa_mask)  # prefill goes to SDPA with SDPA's mask
+
+
 class TransformersGenerator:
     """Hugging Face causal LM with a shared-prefill sampling loop; CPU by default, CUDA when available.
 
@@ -113,6 +151,9 @@ class TransformersGenerator:
             raise ValueError(f"{model_path}: the tokenizer has no chat template; save the tokenizer with the model")
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
                                                           device_map=self.device).eval()
+        if self.device == "cpu" and self.model.config._attn_implementation == "sdpa":
+            _register_decode_attention()
+            self.model.set_attn_implementation(DECODE_ATTENTION)
         self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config.eos_token_id)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         # Fast tokenizers raise "Already borrowed" when two threads use one at once (Sail runs UDFs as threads).

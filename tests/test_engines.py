@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tao_spark.engines import Completion, TransformersGenerator, get_generator, load_counts, set_torch_threads
+from tao_spark.engines import (
+    DECODE_ATTENTION,
+    Completion,
+    TransformersGenerator,
+    _decode_attention,
+    get_generator,
+    load_counts,
+    set_torch_threads,
+)
 
 CHATS = [
     [{"role": "user", "content": "Hi"}],
@@ -59,23 +67,56 @@ def test_prompt_samples_do_not_depend_on_batch(tiny_model: Path, gen: Transforme
             sample(one_by_one, CHATS, [4, 5, 6], top_p=top_p))
 
 
-def test_greedy_matches_model_generate(gen: TransformersGenerator) -> None:
+def reference_greedy(model_path: str, gen: TransformersGenerator, chats: list, max_new_tokens: int) -> list[str]:
+    """``model.generate`` on a model loaded as transformers loads it (SDPA attention), prompts left-padded."""
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    outs = gen.generate(CHATS, n=2, temperature=0, top_p=1.0, max_new_tokens=8, seeds=[0, 0, 0])
-    assert all(o[0] == o[1] and o[0] is not o[1] for o in outs)  # n copies of one greedy answer
-
-    tok = gen.tokenizer
-    prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in CHATS]
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    assert model.config._attn_implementation == "sdpa"
+    tok = AutoTokenizer.from_pretrained(model_path)
+    prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
     tok.padding_side = "left"
     if tok.pad_token is None:  # transformers 4.x leaves it unset
         tok.pad_token = tok.eos_token
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.inference_mode():
-        ref = gen.model.generate(**enc, do_sample=False, max_new_tokens=8, eos_token_id=gen.stop_ids,
-                                 pad_token_id=gen.pad_id)
-    expected = [tok.decode(r, skip_special_tokens=True) for r in ref[:, enc["input_ids"].shape[1]:]]
-    assert [o[0].text for o in outs] == expected
+        ref = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=gen.stop_ids,
+                             pad_token_id=gen.pad_id)
+    return [tok.decode(r, skip_special_tokens=True) for r in ref[:, enc["input_ids"].shape[1]:]]
+
+
+def test_greedy_matches_model_generate(tiny_model: Path, gen: TransformersGenerator) -> None:
+    outs = gen.generate(CHATS, n=2, temperature=0, top_p=1.0, max_new_tokens=8, seeds=[0, 0, 0])
+    assert all(o[0] == o[1] and o[0] is not o[1] for o in outs)  # n copies of one greedy answer
+    assert gen.model.config._attn_implementation == DECODE_ATTENTION
+    assert [o[0].text for o in outs] == reference_greedy(str(tiny_model), gen, CHATS, 8)
+
+
+def test_decode_attention_equals_sdpa() -> None:
+    """One query token against a cache, grouped heads, padded keys masked out: SDPA's numbers to float32 rounding."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    batch, groups, keys, dim = 5, 2, 37, 16
+    query = torch.randn(batch, groups * 3, 1, dim)
+    key, value = torch.randn(batch, groups, keys, dim), torch.randn(batch, groups, keys, dim)
+    mask = torch.ones(batch, 1, 1, keys, dtype=torch.bool)
+    mask[1, ..., :9] = False  # left padding of a shorter prompt
+    mask[3, ..., :30] = False
+    for m in (mask, None):
+        ours, _ = _decode_attention(module, query, key, value, m, scaling=dim ** -0.5)
+        ref, _ = sdpa_attention_forward(module, query, key, value, m, scaling=dim ** -0.5)
+        assert ours.shape == ref.shape == (batch, 1, groups * 3, dim)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    # a masked key must not count: changing it leaves the padded row's output unchanged
+    key2 = key.clone()
+    key2[3, :, :30] = 100.0
+    assert torch.equal(_decode_attention(module, query, key2, value, mask)[0][3],
+                       _decode_attention(module, query, key, value, mask)[0][3])
 
 
 def test_left_padding_equals_one_at_a_time(tiny_model: Path, gen: TransformersGenerator) -> None:
@@ -166,3 +207,8 @@ def test_real_model_converts_answers_and_is_fast(tmp_path: Path) -> None:
     print(f"\nconvert {convert_s:.1f} s, load {load_s:.1f} s, sampling {tokens} tokens in {sample_s:.1f} s "
           f"= {tokens / sample_s:.1f} tokens/s (n=4, {len(chats)} prompts, 2 threads)", file=sys.stderr)
     assert all(len(o) == 4 for o in outs) and tokens > 0
+
+    # The real model's 30 layers of grouped-query attention through the decode kernel: the same greedy answers
+    # as transformers' own generate with SDPA, to the token, over answers long enough for rounding to show.
+    greedy = g.generate(chats, n=1, temperature=0.0, top_p=1.0, max_new_tokens=64, seeds=[0] * len(chats))
+    assert [o[0].text for o in greedy] == reference_greedy(path, g, chats, 64)

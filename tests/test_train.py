@@ -82,7 +82,10 @@ def test_training_args_defaults_and_overrides() -> None:
     args = training_args(TrainConfig(method="dpo", trl={"learning_rate": 3e-5, "max_length": 128}), "/tmp/o", seed=7)
     assert args["learning_rate"] == 3e-5 and args["max_length"] == 128  # train.trl wins over our defaults
     assert args["beta"] == 0.1 and args["seed"] == 7 and args["output_dir"] == "/tmp/o/trainer"
-    assert args["use_cpu"] is True and args["bf16"] is False and args["gradient_checkpointing"] is False
+    # On CPU bf16 is left to the worker, which knows whether its CPU has bf16 matmuls; train.trl.bf16 overrides.
+    assert args["use_cpu"] is True and "bf16" not in args and args["gradient_checkpointing"] is False
+    assert training_args(TrainConfig(trl={"bf16": False}), "/tmp/o")["bf16"] is False
+    assert training_args(TrainConfig(use_gpu=True), "/tmp/o")["bf16"] is True
     assert args["report_to"] == [] and "deepspeed" not in args
     # Checkpoints every train.checkpoint_steps (the last one kept), or none.
     assert (args["save_strategy"], args["save_steps"], args["save_total_limit"]) == ("steps", 10, 1)
@@ -264,3 +267,11 @@ def test_changed_pairs_drop_old_checkpoints(tmp_path: Path) -> None:
     (tmp_path / "pairs.jsonl").write_text("b\n")
     _drop_stale_checkpoints(tmp_path, spec)
     assert not (tmp_path / "trainer").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from Linux's /proc/cpuinfo")
+def test_cpu_bf16_follows_the_cpus_flags() -> None:
+    from tao_spark.train import cpu_bf16
+
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert cpu_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
