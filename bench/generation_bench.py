@@ -31,12 +31,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 
-def matmul_flops(threads: int, seconds: float = 2.0, size: int = 1024) -> float:
-    """fp32 FLOP/s of back-to-back ``size``-square matmuls on ``threads`` torch threads."""
+def matmul_flops(threads: int, seconds: float = 2.0, size: int = 1024, dtype: str = "float32") -> float:
+    """FLOP/s of back-to-back ``size``-square matmuls in ``dtype`` on ``threads`` torch threads."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = (torch.randn(size, size, dtype=getattr(torch, dtype)) for _ in range(2))
     for _ in range(3):
         a @ b
     n, t0 = 0, time.perf_counter()
@@ -46,12 +46,12 @@ def matmul_flops(threads: int, seconds: float = 2.0, size: int = 1024) -> float:
     return 2 * size**3 * n / (time.perf_counter() - t0)
 
 
-def _udf(spark: Any, pdf: Any, model: str, cfg: Any) -> tuple[float, int, int]:
+def _udf(spark: Any, pdf: Any, model: str, cfg: Any, dtype: str) -> tuple[float, int, int]:
     """The fan-out as ``generate.sample`` builds it for ``cfg`` (a GenerateConfig), collected instead of MERGEd."""
     from tao_spark.generate import CANDIDATE_SCHEMA, Sampling, _generate_partition, torch_threads
 
     worker = functools.partial(
-        _generate_partition, model_path=model, dtype="float32", engine=cfg.engine, batch_size=cfg.batch_size,
+        _generate_partition, model_path=model, dtype=dtype, engine=cfg.engine, batch_size=cfg.batch_size,
         llm_args=cfg.vllm_args(), threads=torch_threads(cfg), sampling=Sampling.of(cfg), round_id="bench",
         purpose="train", policy="bench", policy_id="bench")
     df = spark.createDataFrame(pdf).repartition(cfg.partitions)
@@ -86,7 +86,7 @@ def _lanes(fn: Any, lanes: int) -> list[Any]:
 
 
 def run(model: str, n_prompts: int = 16, n: int = 4, max_new_tokens: int = 48, batch_size: int = 8,
-        partitions: int = 2) -> dict[str, Any]:
+        partitions: int = 2, dtype: str = "float32") -> dict[str, Any]:
     import pandas as pd
     import torch
 
@@ -104,7 +104,7 @@ def run(model: str, n_prompts: int = 16, n: int = 4, max_new_tokens: int = 48, b
                          batch_size=batch_size, partitions=partitions)
     threads = torch_threads(cfg)
 
-    gen = TransformersGenerator(model, batch_size=batch_size)
+    gen = TransformersGenerator(model, dtype=dtype, batch_size=batch_size)
     params = gen.model.num_parameters()
     gen.generate([rows[0]["messages"]], n=n, temperature=0.8, top_p=0.95, max_new_tokens=4, seeds=[1])  # warm-up
 
@@ -125,10 +125,10 @@ def run(model: str, n_prompts: int = 16, n: int = 4, max_new_tokens: int = 48, b
         return time.perf_counter() - t0, tokens
 
     # Warm-up job: loads the engine once in the worker (Sail: a thread of this process) with a 2-token run.
-    _udf(spark, pdf.iloc[:2], model, dataclasses.replace(cfg, n=1, max_new_tokens=2))
+    _udf(spark, pdf.iloc[:2], model, dataclasses.replace(cfg, n=1, max_new_tokens=2), dtype)
     # Direct runs before and after the UDF and counts twice, so a drift in machine load hits both sides alike.
     direct_a = direct()
-    udf_s, udf_tokens, cands = _udf(spark, pdf, model, cfg)
+    udf_s, udf_tokens, cands = _udf(spark, pdf, model, cfg, dtype)
     direct_b = direct()
     direct_s, direct_tokens = direct_a[0] + direct_b[0], direct_a[1] + direct_b[1]
 
@@ -144,7 +144,7 @@ def run(model: str, n_prompts: int = 16, n: int = 4, max_new_tokens: int = 48, b
     limit = flops / (2 * params)  # tokens/s if every token cost 2 x parameters FLOPs at matmul speed
     direct_tps, udf_tps = direct_tokens / direct_s, udf_tokens / udf_s
     out = {
-        "prompts": n_prompts, "n": n, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+        "dtype": dtype, "prompts": n_prompts, "n": n, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
         "partitions": partitions, "threads_per_partition": threads, "candidates": cands, "parameters": params,
         "direct": {"seconds": direct_s, "tokens": direct_tokens, "tokens_per_s": direct_tps,
                    "runs_tokens_per_s": [direct_a[1] / direct_a[0], direct_b[1] / direct_b[0]]},
@@ -157,6 +157,14 @@ def run(model: str, n_prompts: int = 16, n: int = 4, max_new_tokens: int = 48, b
         "generation_roofline_fraction": udf_tps / limit,
         "generation_roofline_fraction_direct": direct_tps / limit,
     }
+    if dtype != "float32":  # the fp32 limit is the goal's yardstick; the model's own dtype has its own
+        same = max(matmul_flops(cores, dtype=dtype), sum(_lanes(lambda i: matmul_flops(threads, dtype=dtype),
+                                                                 partitions)))
+        torch.set_num_threads(cores)
+        out[f"roofline_tokens_per_s_{dtype}"] = same / (2 * params)
+        out[f"generation_roofline_fraction_{dtype}"] = udf_tps * 2 * params / same
+        print(f"generation: {dtype} matmul {same / 1e9:.1f} GFLOP/s -> limit {same / (2 * params):.0f} tok/s; "
+              f"fraction UDF {out[f'generation_roofline_fraction_{dtype}']:.3f}")
     print(f"generation: {partitions} partitions x {threads} torch threads; direct {direct_tps:.1f} tok/s (2 runs: "
           f"{out['direct']['runs_tokens_per_s'][0]:.1f}, {out['direct']['runs_tokens_per_s'][1]:.1f}); UDF "
           f"{udf_tps:.1f} tok/s ({udf_tokens} tokens, {udf_s:.1f}s) -> ratio {out['generation_udf_ratio']:.3f}")
@@ -177,11 +185,14 @@ def main() -> None:
     ap.add_argument("--partitions", type=int, default=2, help="generate.partitions (cores // this torch threads each)")
     ap.add_argument("--batch-size", type=int, help="generate.batch_size: sequences decoded together (default: the "
                     "config's)")
+    ap.add_argument("--dtype", default="float32", help="model.dtype (the limit stays fp32 matmuls; a bf16 or fp16 "
+                    "run also reports its own dtype's)")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2 (smoke run)")
     ap.add_argument("--json", help="also write the results to this file")
     a = ap.parse_args()
     common.dump(run(common.model_path(a.tiny), a.prompts, a.n, a.max_new_tokens,
-                     batch_size=a.batch_size or GenerateConfig().batch_size, partitions=a.partitions), a.json)
+                     batch_size=a.batch_size or GenerateConfig().batch_size, partitions=a.partitions,
+                     dtype=a.dtype), a.json)
 
 
 if __name__ == "__main__":
