@@ -113,7 +113,7 @@ def _decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value
         scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
                   else scores + attention_mask)
     out = torch.softmax(scores, dim=-1).to(value.dtype) @ value
-    return out.reshape(batch, 1, heads, dim), None
+    return out.reshape(batch, 1, heads, value.shape[-1]), None  # a value head may be narrower than a key's
 
 
 def _register_decode_attention() -> None:

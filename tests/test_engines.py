@@ -112,6 +112,9 @@ def test_decode_attention_equals_sdpa() -> None:
         ref, _ = sdpa_attention_forward(module, query, key, value, m, scaling=dim ** -0.5)
         assert ours.shape == ref.shape == (batch, 1, groups * 3, dim)
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    narrow = torch.randn(batch, groups, keys, dim // 2)  # value heads narrower than query/key heads
+    torch.testing.assert_close(_decode_attention(module, query, key, narrow, mask)[0],
+                               sdpa_attention_forward(module, query, key, narrow, mask)[0], rtol=1e-5, atol=1e-6)
     # a masked key must not count: changing it leaves the padded row's output unchanged
     key2 = key.clone()
     key2[3, :, :30] = 100.0
