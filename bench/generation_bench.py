@@ -46,7 +46,7 @@ def matmul_flops(threads: int, seconds: float = 2.0, size: int = 1024, dtype: st
     return 2 * size**3 * n / (time.perf_counter() - t0)
 
 
-def _udf(spark: Any, pdf: Any, model: str, cfg: Any, dtype: str) -> tuple[float, int, int]:
+def _udf(spark: Any, pdf: Any, model: str, cfg: Any, dtype: str = "float32") -> tuple[float, int, int]:
     """The fan-out as ``generate.sample`` builds it for ``cfg`` (a GenerateConfig), collected instead of MERGEd."""
     from tao_spark.generate import CANDIDATE_SCHEMA, Sampling, _generate_partition, torch_threads
 

@@ -58,9 +58,12 @@ def main() -> None:
     # scored, 256 pairs trained (32 steps of 8); the smoke run keeps the scripts' small defaults.
     sco = child("scoring_bench.py", a.tiny, *([] if a.tiny else ["--rows", "1000000"]))
     tra = child("training_bench.py", a.tiny, *([] if a.tiny else ["--pairs", "256", "--batch", "8"]))
-    mem = memory_bench.run(a.tiny)
+    try:
+        mem: dict[str, Any] = memory_bench.run(a.tiny)
+    except RuntimeError as e:  # the ratios above are still this run's figures: record them and the failure
+        mem = {"error": str(e)}
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    failed: list[str] = [r["error"] for r in (gen, sco, tra) if "error" in r]
+    failed: list[str] = [r["error"] for r in (gen, sco, tra, mem) if "error" in r]
     result = {
         "generation_udf_ratio": gen.get("generation_udf_ratio"),
         "scoring_udf_ratio": sco.get("scoring_udf_ratio"),
@@ -69,7 +72,7 @@ def main() -> None:
                                    "score": sco.get("model_loads_per_worker")},
         "generation_roofline_fraction": gen.get("generation_roofline_fraction"),
         "failed": failed,
-        "peak_rss_mb": {k: round(v["tree_peak_mb"]) for k, v in mem.items()},
+        "peak_rss_mb": {k: round(v["tree_peak_mb"]) for k, v in mem.items() if k != "error"},
         "machine": machine,
         "date": date,
         "model": "tiny-random-llama" if a.tiny else "SmolLM2-135M-Instruct",

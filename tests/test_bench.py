@@ -1,0 +1,31 @@
+"""bench/run_all.py's smoke run on the tiny model: every benchmark script still runs and reports its figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.integration
+
+
+def test_run_all_tiny_reports_every_ratio_and_appends_history(tmp_path: Path) -> None:
+    out = tmp_path / "results" / "latest.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "run_all.py"), "--tiny", "--out", str(out)], check=True,
+                   cwd=ROOT, timeout=900)
+    result = json.loads(out.read_text())
+    # A benchmark that breaks (one script calling another's changed signature) shows up here, not after an hour.
+    assert result["failed"] == []
+    for key in ("generation_udf_ratio", "scoring_udf_ratio", "training_distributor_ratio",
+                "generation_roofline_fraction"):
+        assert isinstance(result[key], float) and 0 < result[key], key
+    assert set(result["peak_rss_mb"]) == {"generate", "score", "train"}
+    assert all(mb > 100 for mb in result["peak_rss_mb"].values())  # a Python process with torch is larger
+    assert result["model_loads_per_worker"]["generate"] == 1
+    history = (out.parent / "history.jsonl").read_text().splitlines()
+    assert len(history) == 1 and json.loads(history[0])["date"] == result["date"]
