@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -139,6 +140,46 @@ def test_instruction_following_fraction_strict_and_not_applicable():
     loose = instruction_following(prompts, answers)
     assert loose[:3] == [1.0, 0.5, 0.0] and math.isnan(loose[3])
     assert instruction_following(prompts[:3], answers[:3], strict=True) == [1.0, 0.0, 0.0]
+
+
+def test_graded_credit_orders_near_misses_and_keeps_full_marks_for_compliance():
+    prompt = ('Describe rain. Do not use any commas. Answer with exactly 3 markdown bullet points. '
+              'Mention the word "cloud" at least 2 times.')
+    answers = {
+        "all": "- a cloud\n- another cloud\n- rain",
+        "one_comma": "- a cloud, then\n- another cloud\n- rain",
+        "three_commas": "- a cloud, then, and,\n- another cloud\n- rain",
+        "two_bullets": "- a cloud\n- another cloud",
+        "no_bullets": "a cloud and another cloud",
+        "one_cloud": "- a cloud\n- rain\n- wet",
+    }
+    graded = dict(zip(answers, instruction_following([prompt] * len(answers), list(answers.values()), graded=True),
+                      strict=True))
+    plain = dict(zip(answers, instruction_following([prompt] * len(answers), list(answers.values())), strict=True))
+    assert graded["all"] == plain["all"] == 1.0
+    assert all(v < 1.0 for k, v in graded.items() if k != "all")
+    # Nearer misses earn more, where the pass/fail reward cannot tell them apart.
+    assert plain["one_comma"] == plain["three_commas"] and graded["one_comma"] > graded["three_commas"]
+    assert plain["two_bullets"] == plain["no_bullets"] and graded["two_bullets"] > graded["no_bullets"]
+    assert graded["one_cloud"] > plain["one_cloud"]
+    # Strict compliance is unchanged by grading.
+    assert instruction_following([prompt] * 2, [answers["all"], answers["one_comma"]], strict=True, graded=True) == [
+        1.0, 0.0]
+
+
+def test_graded_credit_never_reorders_answers_that_meet_different_numbers_of_constraints():
+    samples = [s for s in SAMPLES if len(s.constraints) >= 2][:20]
+    assert samples
+    texts = ["", "yes", "Sure, here it is: " + "word " * 120, '"a quoted answer"', "- one\n- two\n- three",
+             "<<Title>> all lowercase words here", '{"answer": 1, "summary": "x"}', "SHOUTING ONLY HERE"]
+    for s in samples:
+        prompt = s.text()
+        met = [sum(check_constraint(c, t) for c in s.constraints) for t in texts]
+        graded = instruction_following([prompt] * len(texts), texts, graded=True)
+        for i, j in itertools.permutations(range(len(texts)), 2):
+            if met[i] > met[j]:
+                assert graded[i] > graded[j], (prompt, texts[i], texts[j])
+    assert instruction_following([samples[0].text()], [""], graded=True) == [0.0]
 
 
 def test_instruction_following_on_built_prompts():

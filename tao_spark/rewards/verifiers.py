@@ -101,12 +101,17 @@ def _json_object(text: str) -> dict[str, Any] | None:
     return None
 
 
+def _bullets(text: str) -> int:
+    return len(_BULLET.findall(text))
+
+
+_BULLET = re.compile(r"^\s*[-*+] \S", re.M)
 _CHECKS: dict[str, Callable[[Constraint, str], bool]] = {
     "include_word": lambda c, t: _has_word(t, c.text) >= 1,
     "max_words": lambda c, t: len(_words(t)) <= c.n,
     "no_commas": lambda c, t: "," not in t,
     # "- ", "* " and "+ " are all markdown bullets; numbered lines are not.
-    "bullets": lambda c, t: len(re.findall(r"^\s*[-*+] \S", t, re.M)) == c.n,
+    "bullets": lambda c, t: _bullets(t) == c.n,
     "json_key": lambda c, t: c.text in (_json_object(t) or {}),
     "starts_with": lambda c, t: t.lstrip().lower().startswith(c.text.lower()),
     "ends_with": lambda c, t: t.rstrip().lower().endswith(c.text.lower()),
@@ -128,6 +133,41 @@ def check_constraint(constraint: Constraint, completion: str) -> bool:
     return bool(text.strip()) and _CHECKS[constraint.kind](constraint, text)
 
 
+def _letters_share(text: str, upper: bool) -> float:
+    cased = [ch for ch in text if ch.isalpha() and ch.lower() != ch.upper()]
+    return sum(ch.isupper() == upper for ch in cased) / len(cased) if cased else 0.0
+
+
+def _ratio(got: int, want: int) -> float:
+    return min(got, want) / max(got, want) if max(got, want) else 0.0
+
+
+# How near a failing answer came, in [0, 1): sampled answers to one prompt often all miss the same constraint, and a
+# pass/fail check then gives the pair nothing to prefer; the nearer miss is the direction to learn.
+_CLOSENESS: dict[str, Callable[[Constraint, str], float]] = {
+    "max_words": lambda c, t: c.n / len(_words(t)),
+    "no_commas": lambda c, t: 1.0 / (1 + t.count(",")),
+    "bullets": lambda c, t: _ratio(_bullets(t), c.n),
+    "json_key": lambda c, t: 0.5 if _json_object(t) is not None else 0.0,
+    "starts_with": lambda c, t: 0.5 if c.text.lower() in t.lower() else 0.0,
+    "ends_with": lambda c, t: 0.5 if c.text.lower() in t.lower() else 0.0,
+    "lowercase": lambda c, t: _letters_share(t, upper=False),
+    "uppercase": lambda c, t: _letters_share(t, upper=True),
+    "quotes": lambda c, t: 0.5 if t.strip()[:1] in '"\u201c' or t.strip()[-1:] in '"\u201d' else 0.0,
+    "word_count": lambda c, t: _has_word(t, c.text) / c.n if c.n else 0.0,
+}
+
+
+def constraint_credit(constraint: Constraint, completion: str) -> float:
+    """1.0 when ``completion`` meets ``constraint``, else half its closeness (< 0.5): any met constraint outweighs
+    any near miss, so the preference order among answers that meet it is unchanged."""
+    text = completion if isinstance(completion, str) else ""
+    if check_constraint(constraint, text):
+        return 1.0
+    near = _CLOSENESS.get(constraint.kind)
+    return 0.5 * min(0.999, max(0.0, near(constraint, text))) if near and text.strip() else 0.0
+
+
 def _pairs(prompts: list[str], completions: list[str]) -> list[tuple[str, str]]:
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
@@ -135,13 +175,21 @@ def _pairs(prompts: list[str], completions: list[str]) -> list[tuple[str, str]]:
             for p, c in zip(prompts, completions, strict=True)]
 
 
-def instruction_following(prompts: list[str], completions: list[str], strict: bool = False) -> list[float]:
-    """Fraction of the prompt's constraints the completion meets (``strict``: 1.0 only if all); NaN without any."""
+def instruction_following(prompts: list[str], completions: list[str], strict: bool = False,
+                          graded: bool = False) -> list[float]:
+    """Fraction of the prompt's constraints the completion meets (``strict``: 1.0 only if all); NaN without any.
+
+    ``graded``: a missed constraint earns part credit for a near miss (``constraint_credit``: fewer commas, a word
+    count nearer the limit, more of the asked-for bullets); 1.0 still means every constraint met.
+    """
     out = []
     for prompt, completion in _pairs(prompts, completions):
         constraints = _constraints(prompt if isinstance(prompt, str) else "")
         if not constraints:
             out.append(NAN)
+            continue
+        if graded and not strict:
+            out.append(sum(constraint_credit(c, completion) for c in constraints) / len(constraints))
             continue
         met = [check_constraint(c, completion) for c in constraints]
         out.append(float(all(met)) if strict else sum(met) / len(met))
