@@ -101,11 +101,13 @@ def _json_object(text: str) -> dict[str, Any] | None:
     return None
 
 
+_BULLET = re.compile(r"^\s*[-*+] \S", re.M)
+
+
 def _bullets(text: str) -> int:
     return len(_BULLET.findall(text))
 
 
-_BULLET = re.compile(r"^\s*[-*+] \S", re.M)
 _CHECKS: dict[str, Callable[[Constraint, str], bool]] = {
     "include_word": lambda c, t: _has_word(t, c.text) >= 1,
     "max_words": lambda c, t: len(_words(t)) <= c.n,
@@ -180,7 +182,8 @@ def instruction_following(prompts: list[str], completions: list[str], strict: bo
     """Fraction of the prompt's constraints the completion meets (``strict``: 1.0 only if all); NaN without any.
 
     ``graded``: a missed constraint earns part credit for a near miss (``constraint_credit``: fewer commas, a word
-    count nearer the limit, more of the asked-for bullets); 1.0 still means every constraint met.
+    count nearer the limit, more of the asked-for bullets); 1.0 still means every constraint met. ``strict`` wins
+    over ``graded``: a strict score is pass/fail by definition.
     """
     out = []
     for prompt, completion in _pairs(prompts, completions):
