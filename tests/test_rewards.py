@@ -130,7 +130,9 @@ def test_parse_constraints_in_prompt_order_with_arguments():
     assert parse_constraints("Describe a lake in a few words.") == []
     negated = ('Do not include the word "lake". Never start your answer with "Sure". '
                "Must contain the word \u201cwave\u201d.")
-    assert parse_constraints(negated) == [Constraint("include_word", "wave")]
+    # The negated mention is the opposite instruction, read as such; the negated start is not read at all.
+    forbidden = Constraint("keywords:forbidden_words", args=(("forbidden_words", ("lake",)),))
+    assert parse_constraints(negated) == [forbidden, Constraint("include_word", "wave")]
 
 
 def test_instruction_following_fraction_strict_and_not_applicable():

@@ -19,42 +19,109 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
+from tao_spark.rewards.instructions import NUM, Instruction, follows, number, read_spans
+
 NAN = float("nan")
 
 
 class Constraint(NamedTuple):
-    """One checkable instruction found in a prompt: its kind plus the word/phrase/key (``text``) or count (``n``)."""
+    """One checkable instruction found in a prompt: its kind plus the word/phrase/key (``text``) or count (``n``).
+
+    The bundled log's kinds (``max_words``, ``include_word``, ...) are checked here; every other kind is an
+    instruction id of the public taxonomy (``count:numbers``, ``length_constraints:number_sentences``), read by
+    ``instructions.read_instructions`` with its checker's keyword arguments in ``args`` and checked by the library.
+    """
 
     kind: str
     text: str = ""
     n: int = 0
+    args: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def instruction_id(self) -> str:
+        """The kind in the public taxonomy's names (what ``tao coverage`` counts by)."""
+        return TAXONOMY.get(self.kind, self.kind)
 
 
-# The phrasings that tao_spark/data/build_samples.py writes (the round trip is tested): a kind may have several.
-# Quoted arguments never contain a double quote, so the quotes (straight or typographic) delimit them exactly.
-_T = r'["\u201c](?P<text>[^"\u201c\u201d\n]+)["\u201d]'
+# The bundled log's kinds under the public taxonomy's ids; json_key and starts_with have none there.
+TAXONOMY = {"max_words": "length_constraints:number_words", "include_word": "keywords:existence",
+            "no_commas": "punctuation:no_comma", "bullets": "detectable_format:number_bullet_lists",
+            "json_key": "detectable_format:json_key", "starts_with": "startend:start_checker",
+            "ends_with": "startend:end_checker", "lowercase": "change_case:english_lowercase",
+            "uppercase": "change_case:english_capital", "quotes": "startend:quotation",
+            "title": "detectable_format:title", "word_count": "keywords:frequency"}
+
+
+# Each kind is stated in many ways; the phrasings tao_spark/data/build_samples.py writes are among them (the round
+# trip is tested). Quoted arguments never contain a double quote, so the quotes (straight or typographic) delimit
+# them exactly; a single-quoted argument holds no apostrophe; an unquoted one is a single word.
+_T = r'(?:["\u201c](?P<text>[^"\u201c\u201d\n]+)["\u201d]|\'(?P<text2>[^\'\n]{1,60})\')'
+_W = r"(?:" + _T + r"|(?P<word>[A-Za-z][\w-]*))"
 # "Do not include the word X" is the opposite instruction; these kinds skip a negated mention.
-_NOT = r"(?<!not )(?<!never )"
+_NOT = r"(?<!not )(?<!never )(?<!n't )(?<!avoid )(?<!without )"
+_ANS = r"(?:your|the) (?:entire |whole |full )?(?:answer|response|reply|output)"
+_N = r"(?P<n>" + NUM + r")"
+# The strict forms ("under 50 words") capture their number as ``lt``: at most lt - 1.
+_LT = r"(?P<lt>" + NUM + r")"
+_END = rf"(?:{_T}|(?P<phrase>[^\"\u201c\n]+?[.?!]?))\.?(?=\s*(?:no other words|$|\n))"
 _PATTERNS: list[tuple[str, re.Pattern[str]]] = [(kind, re.compile(pattern, re.I)) for kind, pattern in [
-    ("include_word", rf"{_NOT}(?:include the word|must contain the word) {_T}"),
-    ("max_words", r"(?:at most|no more than) (?P<n>\d+) words"),
-    ("max_words", r"(?P<n>\d+) words or fewer"),
-    ("no_commas", r"(?:do not|don't|must not) (?:use|contain|include) any commas"),
-    ("bullets", r"exactly (?P<n>\d+) markdown bullet points"),
-    ("json_key", rf"JSON object (?:with|that has|containing) the key {_T}"),
-    ("starts_with", rf"{_NOT}(?:start|begin) your (?:answer|response) with (?:the (?:words?|phrase) )?{_T}"),
-    ("ends_with", rf"{_NOT}(?:end|finish) your (?:answer|response) with the exact phrase {_T}"),
-    ("lowercase", r"entire (?:answer|response) in lowercase letters|use only lowercase letters"),
-    ("uppercase", r"entire (?:answer|response) in capital letters|use only capital letters"),
-    ("quotes", r"(?:wrap|put) your (?:entire|whole) (?:answer|response) (?:in|inside) double quotation marks"),
-    ("title", r"title (?:wrapped )?in double angular brackets"),
-    ("word_count", rf"mention the word {_T} at least (?P<n>\d+) times"),
-    ("word_count", rf"the word {_T} should appear at least (?P<n>\d+) times"),
+    ("include_word", rf"{_NOT}(?:include|use|mention|contain|feature)s? (?:the (?:key)?word|the (?:key)?phrase) {_T}"
+                     r"(?!\s+(?:\w+\s+){0,2}(?:times|at least|once|twice))"),
+    ("include_word", rf"{_NOT}must contain the word {_T}"),
+    ("include_word", r"(?:the (?:key)?word) " + _W + r" (?:must|should) (?:appear|be (?:included|used|mentioned))"
+                     r"(?! at least| (?:less|fewer) than| \w+ times| once| twice)"),
+    ("max_words", rf"(?:at most|no more than|not more than|a maximum of|maximum of|up to|no longer than|"
+                  rf"not (?:to )?exceed|within|limit(?:ed)? (?:it |your \w+ |yourself )?to) {_N}[- ]words"),
+    ("max_words", rf"{_N} words (?:or (?:fewer|less)|max(?:imum)?|at most|tops)"),
+    ("max_words", rf"{_N}[- ]word (?:limit|maximum|max)"),
+    ("max_words", rf"(?:under|fewer than|less than|below|shorter than) {_LT} words"),
+    ("max_words", rf"keep (?:it|{_ANS}|this) (?:to|under|below|within) {_N} words"),
+    ("no_commas", r"(?:do not|don't|must not|should not|never|cannot|can't) (?:use|contain|include|put|have) (?:any )?"
+                  r"commas?"),
+    ("no_commas", r"refrain from (?:the use of |using )?(?:any )?commas|without (?:using )?(?:any )?commas|"
+                  r"\bno commas\b|avoid (?:using )?(?:any )?commas|comma-free|zero commas"),
+    ("bullets", rf"(?:exactly|precisely|just) {_N} (?:markdown )?bullet(?:ed)?(?: points?| list items?|s)\b"),
+    ("bullets", rf"(?:use|contain|include|give|list|in|with|as|provide|have) {_N} (?:markdown )?bullet(?:ed)?"
+                r"(?: points?| list items?|s)\b"),
+    ("json_key", rf"JSON object (?:with|that has|containing|having|that contains|including) (?:a |the )?"
+                 rf"(?:key|field|property) {_T}"),
+    ("json_key", rf"JSON[^.\n]{{0,60}}?\b(?:with|has|have|containing|contain|include|includes) (?:a |an |the )?"
+                 rf"{_T} (?:key|field|property)"),
+    ("starts_with", rf"{_NOT}(?:start|begin|open) {_ANS} with (?:the (?:words?|phrase|sentence) )?{_T}"),
+    ("starts_with", rf"{_ANS} (?:must|should) (?:start|begin|open) with (?:the (?:words?|phrase|sentence) )?{_T}"),
+    ("starts_with", rf"first words? of {_ANS} (?:must|should) be {_T}"),
+    ("ends_with", rf"{_NOT}(?:end|finish|conclude|close) {_ANS} with (?:this|the) (?:exact )?(?:phrase|sentence|words?)"
+                  rf":? {_END}"),
+    ("ends_with", rf"{_NOT}(?:end|finish|conclude|close) {_ANS} with (?:the (?:exact )?(?:words?|phrase|sentence) )?"
+                  rf"{_T}"),
+    ("ends_with", rf"{_ANS} (?:must|should) (?:end|finish|conclude|close) with (?:the (?:exact )?(?:words?|phrase|"
+                  rf"sentence) )?{_T}"),
+    ("ends_with", rf"last (?:words?|sentence|line) of {_ANS} (?:must|should) be {_T}"),
+    ("lowercase", r"entire (?:answer|response|reply|output)[^.\n]{0,40}?in (?:all )?lower ?case(?: letters)?|"
+                  r"use only lower ?case letters|(?:in|using) all lower ?case(?: letters)?|"
+                  r"no capital letters (?:are|is) allowed|lower ?case (?:letters )?only|only lower-?case|"
+                  r"(?:write|respond|answer|reply) (?:only |entirely )?in lower ?case"),
+    ("uppercase", r"entire (?:answer|response|reply|output)[^.\n]{0,40}?in (?:all )?(?:capital letters|caps|"
+                  r"upper ?case)(?! should appear)|use only capital letters|"
+                  r"(?<!words with )(?:in|using) all (?:capital letters|caps|upper ?case(?: letters)?)"
+                  r"(?!\s+(?:should|must) appear)|capital letters only|"
+                  r"(?:write|respond|answer|reply) (?:only |entirely )?in (?:all )?(?:caps|upper ?case|capitals)"),
+    ("quotes", rf"(?:wrap|put|enclose|surround) {_ANS} (?:in|inside|with|within) (?:double )?(?:quotation marks|"
+               r"quotes)"),
+    ("quotes", rf"{_ANS} (?:must|should) be (?:wrapped|enclosed) (?:in|with|within) double (?:quotation marks|quotes)"),
+    ("title", r"title,? (?:wrapped |enclosed )?in double angul?ar brackets|title[^.\n]{0,40}?<<[^<>\n]*>>|"
+              r"title (?:wrapped |enclosed )?in double angle brackets"),
+    ("word_count", r"(?:mention|use|include|say) (?:the (?:key)?word )?" + _W + rf" at least {_N} times"),
+    ("word_count", r"the (?:key)?word " + _W + rf" (?:should|must) (?:appear|occur|be used|be mentioned) at least "
+                   rf"{_N} times"),
 ]]
 
 
 def parse_constraints(prompt: str) -> list[Constraint]:
-    """Every constraint stated in ``prompt``, in the order they appear; ``[]`` when there is none."""
+    """Every constraint stated in ``prompt``, in the order they appear; ``[]`` when there is none.
+
+    The bundled log's kinds by the patterns above, every other kind by ``instructions.read_instructions``.
+    """
     return list(_constraints(prompt if isinstance(prompt, str) else ""))
 
 
@@ -62,12 +129,28 @@ def parse_constraints(prompt: str) -> list[Constraint]:
 def _constraints(prompt: str) -> tuple[Constraint, ...]:
     # A prompt's N candidates, and several rewards, ask for the same parse: profiling showed a third of
     # scoring time spent parsing each prompt again.
-    found: list[tuple[int, Constraint]] = []
+    text = prompt if isinstance(prompt, str) else ""
+    found: list[tuple[int, int, Constraint]] = []
     for kind, pattern in _PATTERNS:
-        for m in pattern.finditer(prompt if isinstance(prompt, str) else ""):
-            groups = m.groupdict()
-            found.append((m.start(), Constraint(kind, groups.get("text") or "", int(groups.get("n") or 0))))
-    return tuple(c for _, c in sorted(found, key=lambda pc: pc[0]))
+        for m in pattern.finditer(text):
+            if any(c.kind == kind and s < m.end() and m.start() < e for s, e, c in found):
+                continue  # two phrasings of one kind matching the same words are one instruction
+            g = m.groupdict()
+            arg = (g.get("text") or g.get("text2") or g.get("phrase") or g.get("word") or "").strip()
+            n = number(g["n"]) if g.get("n") else number(g["lt"]) - 1 if g.get("lt") else 0
+            if kind in ("max_words", "bullets", "word_count") and n < 1:
+                continue
+            found.append((m.start(), m.end(), Constraint(kind, arg, n)))
+    # A JSON object with a given key is a JSON answer already: the key check covers the format.
+    keyed = any(c.kind == "json_key" for _, _, c in found)
+    found += [(start, start, Constraint(i.kind, args=i.args)) for start, i in read_spans(text)
+              if not (keyed and i.kind == "detectable_format:json_format")]
+    # One instruction stated twice ("at most 40 words ... keep it to 40 words") counts once.
+    out: list[Constraint] = []
+    for _, _, c in sorted(found, key=lambda f: f[0]):
+        if c not in out:
+            out.append(c)
+    return tuple(out)
 
 
 def _words(text: str) -> list[str]:
@@ -125,14 +208,18 @@ _CHECKS: dict[str, Callable[[Constraint, str], bool]] = {
 }
 
 
-def check_constraint(constraint: Constraint, completion: str) -> bool:
+def check_constraint(constraint: Constraint, completion: str) -> bool | None:
     """Whether ``completion`` satisfies ``constraint``; an empty answer satisfies nothing.
 
     Without that rule an empty answer would "follow" no-commas, max-words and lowercase constraints, and the
-    preference pairs would teach the model to say nothing.
+    preference pairs would teach the model to say nothing. ``None`` for a library kind whose checker cannot run
+    on this machine (``instructions.follows``).
     """
     text = completion if isinstance(completion, str) else ""
-    return bool(text.strip()) and _CHECKS[constraint.kind](constraint, text)
+    own = _CHECKS.get(constraint.kind)
+    if own is None:
+        return follows(Instruction(constraint.kind, constraint.args), text)
+    return bool(text.strip()) and own(constraint, text)
 
 
 def _letters_share(text: str, upper: bool) -> float:
@@ -160,12 +247,14 @@ _CLOSENESS: dict[str, Callable[[Constraint, str], float]] = {
 }
 
 
-def constraint_credit(constraint: Constraint, completion: str) -> float:
+def constraint_credit(constraint: Constraint, completion: str) -> float | None:
     """1.0 when ``completion`` meets ``constraint``, else half its closeness (< 0.5): any met constraint outweighs
-    any near miss, so the preference order among answers that meet it is unchanged."""
+    any near miss, so the preference order among answers that meet it is unchanged. ``None`` where it cannot be
+    checked here."""
     text = completion if isinstance(completion, str) else ""
-    if check_constraint(constraint, text):
-        return 1.0
+    met = check_constraint(constraint, text)
+    if met is None or met:
+        return None if met is None else 1.0
     near = _CLOSENESS.get(constraint.kind)
     return 0.5 * min(0.999, max(0.0, near(constraint, text))) if near and text.strip() else 0.0
 
@@ -183,19 +272,19 @@ def instruction_following(prompts: list[str], completions: list[str], strict: bo
 
     ``graded``: a missed constraint earns part credit for a near miss (``constraint_credit``: fewer commas, a word
     count nearer the limit, more of the asked-for bullets); 1.0 still means every constraint met. ``strict`` wins
-    over ``graded``: a strict score is pass/fail by definition.
+    over ``graded``: a strict score is pass/fail by definition. A constraint that cannot be checked here
+    (``check_constraint`` gives ``None``) counts neither way.
     """
     out = []
     for prompt, completion in _pairs(prompts, completions):
         constraints = _constraints(prompt if isinstance(prompt, str) else "")
-        if not constraints:
-            out.append(NAN)
-            continue
         if graded and not strict:
-            out.append(sum(constraint_credit(c, completion) for c in constraints) / len(constraints))
+            credits = [constraint_credit(c, completion) for c in constraints]
+            known = [c for c in credits if c is not None]
+            out.append(sum(known) / len(known) if known else NAN)
             continue
-        met = [check_constraint(c, completion) for c in constraints]
-        out.append(float(all(met)) if strict else sum(met) / len(met))
+        met = [m for m in (check_constraint(c, completion) for c in constraints) if m is not None]
+        out.append(NAN if not met else float(all(met)) if strict else sum(met) / len(met))
     return out
 
 
