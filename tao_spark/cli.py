@@ -209,7 +209,7 @@ def _history(a: argparse.Namespace, cfg: Config) -> int:
         m = h.get("operationMetrics") or {}
         rows.append({
             "version": h.get("version"),
-            "timestamp": dt.datetime.fromtimestamp(h["timestamp"] / 1000, dt.timezone.utc)
+            "timestamp": dt.datetime.fromtimestamp(h["timestamp"] / 1000, dt.UTC)
             .isoformat(timespec="seconds"),
             "operation": h.get("operation"),
             "rows_written": m.get("numTargetRowsInserted", m.get("numOutputRows")),

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
@@ -83,7 +83,7 @@ def _generate_partition(
             seeds = [prompt_seed(sampling.seed, pid) for pid in part["prompt_id"]]
             outs = gen.generate(chats, n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                 max_new_tokens=sampling.max_new_tokens, seeds=seeds)
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             rows = [
                 {"round_id": round_id, "purpose": purpose, "prompt_id": pid, "candidate_idx": i, "task": task,
                  "completion": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason, "policy": policy,

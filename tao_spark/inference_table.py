@@ -22,7 +22,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -107,13 +107,13 @@ def record(row: dict[str, Any], endpoint: str, max_bytes: int) -> dict[str, Any]
         raise Reject(f"unparsable request JSON: {getattr(e, 'msg', type(e).__name__)}") from None
     when = row.get("request_time")
     if when is None and row.get("timestamp_ms") is not None:
-        when = datetime.fromtimestamp(row["timestamp_ms"] / 1000, tz=timezone.utc)
+        when = datetime.fromtimestamp(row["timestamp_ms"] / 1000, tz=UTC)
     meta = dict(row.get("request_metadata") or {})  # an Arrow map arrives as (key, value) pairs
     metadata = {"endpoint": meta.get("endpoint_name") or endpoint,
                 "served_entity_id": row.get("served_entity_id") or meta.get("model_version"),
                 "requester": row.get("requester"), "client_request_id": row.get("client_request_id")}
     return {"messages": chat_of(body), "id": row.get("databricks_request_id"),
-            "received_at": when.astimezone(timezone.utc).isoformat() if when else None,
+            "received_at": when.astimezone(UTC).isoformat() if when else None,
             "metadata": {k: v for k, v in metadata.items() if v is not None}}
 
 
@@ -275,7 +275,7 @@ def ingest_table(spark: SparkSession, tables: Tables, source: str, cfg: IngestCo
                     build=build_row, task=task or endpoint, source="inference_table")
     if table is not None:
         mark = {"source": source, "version": end, "rows": n, "batch_id": result.batch_id,
-                "updated_at": datetime.now(timezone.utc)}
+                "updated_at": datetime.now(UTC)}
         tables.merge("ingest_watermarks", _frame(spark, "ingest_watermarks", [mark]), update=True,
                      retries=cfg.commit_retries)
     result.source_version, result.source_rows = end, n

@@ -18,7 +18,7 @@ import sys
 import unicodedata
 import uuid
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -127,7 +127,7 @@ def _parse_time(value: Any, now: datetime) -> datetime:
         t = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text)
     except ValueError:
         raise Reject(f"unparsable received_at: {value[:64]!r}") from None
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 def build_row(
@@ -374,7 +374,7 @@ def append(
     its rejected lines onto the same (sha256, line) keys, so the tables end as after one whole run.
     """
     batch_id = uuid.uuid4().hex
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     rows: dict[str, dict[str, Any]] = {}
     bad: list[dict[str, Any]] = []
     offered = valid = accepted = quarantined = chunks = 0

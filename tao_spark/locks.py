@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 from pyspark.sql import functions as F
@@ -32,7 +32,7 @@ def acquire(tables: Tables, name: str, lease_s: int) -> str:
     lease expires, or at once when it ran on this host and its process is gone (a SIGKILLed scheduler).
     """
     holder = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     live = F.col("expires_at") > F.lit(now)
     tables.ensure("locks")
     others = tables.read("locks").where((F.col("name") == name) & live).collect()

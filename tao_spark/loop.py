@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from tao_spark import evaluate, generate, registry, score, select, train
 from tao_spark.config import Config, UserError
@@ -50,7 +50,7 @@ def start(tables: Tables, cfg: Config) -> Round | None:
               "was promoted; nothing to do", file=sys.stderr)
         return None
     champion = registry.champion_uri(cfg)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     previous = done[-1].prompts_version if done else None
     rnd = Round(
         round_id=f"r{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}", status="started", prompts_version=version,

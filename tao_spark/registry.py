@@ -13,7 +13,7 @@ import json
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -253,7 +253,7 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
     )
     return StageResult(fields={"mlflow_run_id": reg.run_id, "model_version": reg.model_version,
                                "promoted": reg.decision.promote, "gate_reason": reg.decision.reason,
-                               "finished_at": datetime.now(timezone.utc)})
+                               "finished_at": datetime.now(UTC)})
 
 
 def register(

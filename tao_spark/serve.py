@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -409,7 +409,7 @@ class Service:
                  completion_tokens: int, latency_ms: float, user_key: str) -> list[dict[str, Any]]:
         from tao_spark.ingest import Reject, build_row
 
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         records = []
         pid = None
         meta = {"model_version": engine.version, "arm": engine.arm, "request_id": request_id}
@@ -438,7 +438,7 @@ class Service:
         if comment is not None and (not isinstance(comment, str) or len(comment) > 4000):
             raise BadRequest(400, "comment must be a string of at most 4000 characters", code="invalid_comment")
         row = {"request_id": rid, "rating": rating, "comment": self.redact(comment) if comment else None,
-               "user_hash": user_hash(user_key), "created_at": datetime.now(timezone.utc)}
+               "user_hash": user_hash(user_key), "created_at": datetime.now(UTC)}
         if self.spool is not None:
             self.spool.append([{"table": "feedback", "row": row}])
         return {"request_id": rid, "stored": self.spool is not None}

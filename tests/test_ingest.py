@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -153,9 +153,9 @@ def test_prompt_and_chat_are_stored_as_chats_with_their_fields(spark: SparkSessi
         jl({"prompt": "null optionals", "task": None, "id": None, "metadata": None, "received_at": None}),
         jl({"prompt": "zulu", "received_at": "2024-03-04T05:06:07.250Z"}),
     ])
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     r = run(spark, tables, [path], source="serving-log")
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
     assert r.accepted == 4
     got = by_text(tables)
     hello = got[("default", "Hello there")]
@@ -171,9 +171,9 @@ def test_prompt_and_chat_are_stored_as_chats_with_their_fields(spark: SparkSessi
     assert chat["client_id"] is None and json.loads(chat["metadata"]) == {}
     epochs = {row["prompt"]: row["t"] for row in tables.read("prompts").selectExpr(
         "prompt", "unix_timestamp(received_at) AS t", ).collect()}
-    assert epochs["Hello there"] == int(datetime(2024, 1, 2, 1, 4, 5, tzinfo=timezone.utc).timestamp())
-    assert epochs["and 3+3?"] == int(datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc).timestamp())  # naive = UTC
-    assert epochs["zulu"] == int(datetime(2024, 3, 4, 5, 6, 7, tzinfo=timezone.utc).timestamp())
+    assert epochs["Hello there"] == int(datetime(2024, 1, 2, 1, 4, 5, tzinfo=UTC).timestamp())
+    assert epochs["and 3+3?"] == int(datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC).timestamp())  # naive = UTC
+    assert epochs["zulu"] == int(datetime(2024, 3, 4, 5, 6, 7, tzinfo=UTC).timestamp())
     # no received_at: the ingest time
     assert int(before.timestamp()) <= epochs["null optionals"] <= int(after.timestamp()) + 1
     assert got[("default", "null optionals")]["client_id"] is None
@@ -281,7 +281,7 @@ def test_parquet(spark: SparkSession, tables: Tables, tmp_path: Path) -> None:
     assert json.loads(got[("pq", "from parquet")]["metadata"]) == {"score": 0.5}
     assert ("default", "third") in got
     (t,) = tables.read("prompts").where("prompt = 'from parquet'").selectExpr("unix_timestamp(received_at)").first()
-    assert t == int(datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc).timestamp())
+    assert t == int(datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC).timestamp())
     (q,) = rows(tables, "quarantine")
     assert q["line"] == 2 and "missing field" in q["reason"]
 

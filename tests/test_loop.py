@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -90,7 +90,7 @@ def test_mix_latest_and_recency(spark, tmp_path, tiny_model):
     v1 = tables.snapshot("prompts")
     ingest(spark, tables, [_slice(tmp_path, "new.jsonl", 0, 50)], cfg.ingest)
     v2 = tables.snapshot("prompts")
-    rnd = rounds.Round("r", "started", v2, "m", "m", datetime.now(timezone.utc), previous_version=v1, first_version=v1)
+    rnd = rounds.Round("r", "started", v2, "m", "m", datetime.now(UTC), previous_version=v1, first_version=v1)
 
     latest = rounds.split(tables, rnd, load_config(_config_file(tmp_path), _loop_overrides(tmp_path, tiny_model)
                                                  + ["loop.mix=latest"]))[0]
@@ -112,7 +112,7 @@ def test_lock_is_exclusive_and_expires(tables):
     again = locks.acquire(tables, "round", 600)
     locks.release(tables, "round", again)
     # A holder that died: its lease ran out, so it no longer blocks.
-    past = datetime.now(timezone.utc) - timedelta(hours=2)
+    past = datetime.now(UTC) - timedelta(hours=2)
     dead = pd.DataFrame([{"name": "round", "holder": "dead", "acquired_at": past,
                           "expires_at": past + timedelta(hours=1)}], columns=columns("locks"))
     tables.merge("locks", tables.spark.createDataFrame(dead, SCHEMAS["locks"]))
@@ -126,7 +126,7 @@ def test_a_lock_whose_process_died_on_this_host_is_taken_over(tables):
 
     gone = subprocess.Popen(["true"])
     gone.wait()  # an exited (and reaped) process: its PID no longer runs
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     host = os.uname().nodename
     rows = pd.DataFrame([{"name": "round", "holder": f"{host}:{gone.pid}:deadbeef", "acquired_at": now,
                           "expires_at": now + timedelta(hours=6)}], columns=columns("locks"))
@@ -146,7 +146,7 @@ def test_a_lock_whose_process_died_on_this_host_is_taken_over(tables):
 
 
 def test_release_binds_its_values_so_quotes_cannot_change_the_statement(tables):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     names = ["round", "it's", 'say "hi"', "back\\slash", "x' OR '1'='1"]
     rows = pd.DataFrame([{"name": n, "holder": h, "acquired_at": now, "expires_at": now + timedelta(hours=1)}
                          for n in names for h in ("a", "b'--")], columns=columns("locks"))

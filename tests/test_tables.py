@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from pyspark.sql import DataFrame, SparkSession
 
 from tao_spark.tables import KEYS, SCHEMAS, TableNotFound, Tables, columns
 
-NOW = datetime(2024, 1, 1, tzinfo=timezone.utc)
+NOW = datetime(2024, 1, 1, tzinfo=UTC)
 
 
 def prompt_rows(spark: SparkSession, items: list[tuple[str, str]]) -> DataFrame:

@@ -6,7 +6,7 @@ import os
 import socket
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -45,7 +45,7 @@ def test_an_unknown_round_id_and_debug(tmp_path: Path) -> None:
     # A rounds table with another round in it: the id itself is unknown.
     cfg = load_config(default_config_path(), [f"home={home}"])
     tables = Tables(get_spark(SparkConfig(shuffle_partitions=2)), cfg.lakehouse)
-    save(tables, Round("r-other", "started", 1, "m", "m", datetime.now(timezone.utc)), cfg)
+    save(tables, Round("r-other", "started", 1, "m", "m", datetime.now(UTC)), cfg)
     r = _tao(home, "score", "--round", "r-nope")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         "tao score: no round 'r-nope' in rounds: `tao status` lists the rounds")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ PAYLOAD_SCHEMA = pa.schema([
     ("logging_error_codes", pa.list_(pa.string())), ("served_entity_id", pa.string()), ("requester", pa.string()),
 ])
 GOOD = 240  # chats from the prompt log
-START = datetime(2026, 11, 20, 8, 0, tzinfo=timezone.utc)
+START = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
 ENTITY = "3f6c2a1e-acme-smollm2-135m"
 
 
