@@ -12,9 +12,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / "tao_spark" / "data" / "prompts.jsonl"
-# The rewards conf/local.yaml configures: the built-in verifiers, with its weights.
-REWARDS = [("instruct", "instruction_following", 1.0), ("json", "json_key", 1.0), ("numeric", "numeric_answer", 1.0),
-           ("length", "length_penalty", 0.2), ("coherence", "coherence", 0.3)]
 
 
 def home() -> str:
@@ -46,9 +43,10 @@ def prompts(n: int) -> list[dict[str, Any]]:
 
 
 def reward_specs() -> list[Any]:
-    from tao_spark.config import RewardSpec
+    """The rewards conf/local.yaml configures, read from it: the benchmarks measure the default."""
+    from tao_spark.config import load_config
 
-    return [RewardSpec(name=n, fn=fn, weight=w) for n, fn, w in REWARDS]
+    return list(load_config(ROOT / "conf" / "local.yaml").score.rewards)
 
 
 def machine() -> dict[str, Any]:

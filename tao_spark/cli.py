@@ -219,6 +219,24 @@ def _history(a: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _coverage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+
+
+@command("coverage", "which configured rewards apply to the prompt log's prompts, per task", _coverage_args)
+def _coverage(a: argparse.Namespace, cfg: Config) -> int:
+    from tao_spark import coverage
+    from tao_spark.tables import TableNotFound
+
+    _, tables = _context(cfg)
+    try:
+        cov = coverage.measure(tables, cfg)
+    except TableNotFound:
+        raise UserError("no prompts yet: run `tao ingest FILE` (or `tao ingest --table NAME`) first") from None
+    print(json.dumps(cov) if a.json else coverage.summary(cov))
+    return 0
+
+
 def _round_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new", action="store_true", help="start a fresh round even if one is unfinished")
     p.add_argument("--json", action="store_true", help="print the round's row as JSON")

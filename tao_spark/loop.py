@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from tao_spark import evaluate, generate, registry, score, select, train
+from tao_spark import coverage, evaluate, generate, registry, score, select, train
 from tao_spark.config import Config, UserError
 from tao_spark.locks import acquire, release
 from tao_spark.rounds import Round, StageResult, count_new, finished, latest_open, save
@@ -62,9 +62,15 @@ def start(tables: Tables, cfg: Config) -> Round | None:
     )
     save(tables, rnd, cfg)  # the row first: a kill before the run exists leaves a round that opens it on resume
     rnd.mlflow_run_id = registry.open_run(cfg, rnd.round_id)
-    save(tables, rnd, cfg)
     print(f"tao: round {rnd.round_id} on prompts@v{version} ({rnd.new_prompts} new), policy {rnd.base_model}, "
           f"baseline {rnd.baseline_model}", file=sys.stderr)
+    # Before generating: which rewards will read these prompts, and which tasks would be tuned on the floor only.
+    cov = coverage.measure(tables, cfg, version)
+    for line in coverage.warnings(cov):
+        print(f"tao: coverage: {line}", file=sys.stderr)
+    rnd.metrics["coverage"] = cov
+    registry.log_stage(cfg, rnd.mlflow_run_id, coverage.metrics(cov))
+    save(tables, rnd, cfg)
     return rnd
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import math
 import sys
@@ -53,6 +54,14 @@ def get_reward(spec: RewardSpec) -> Any:
         return _rewards[key]
 
 
+def takes_tasks(fn: Any) -> bool:
+    """Whether a reward takes each row's task (``tasks=``), as the judge does for per-task guidelines."""
+    try:
+        return "tasks" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def combine(values: pd.DataFrame, weights: dict[str, float]) -> np.ndarray:
     """Per row, the weighted mean over the components that apply (not NaN, weight > 0); NaN where none does."""
     vals = values.to_numpy(dtype="float64")
@@ -65,7 +74,10 @@ def combine(values: pd.DataFrame, weights: dict[str, float]) -> np.ndarray:
 
 
 def score_frame(pdf: pd.DataFrame, specs: list[RewardSpec], cfg: ScoreConfig | None = None) -> pd.DataFrame:
-    """Score a frame of (prompt messages_json, completion) rows; one column per reward plus ``combined``.
+    """Score a frame of (prompt messages_json, completion[, task]) rows; one column per reward plus ``combined``.
+
+    The frame holds every candidate of each of its prompts (rewards that compare them need all); a reward that
+    takes ``tasks`` gets each row's task.
 
     A reward that records failures (an LLM judge whose answer did not parse) adds ``<name>_failed`` (1.0 where it
     failed; the reward itself is NaN there). With ``cfg.length_control`` on, ``combined`` is the length-adjusted
@@ -77,9 +89,11 @@ def score_frame(pdf: pd.DataFrame, specs: list[RewardSpec], cfg: ScoreConfig | N
     completions = [c or "" for c in pdf["completion"]]
     out = pd.DataFrame(index=pdf.index)
     failed: dict[str, list[float]] = {}
+    tasks = [str(t) for t in pdf["task"]] if "task" in pdf.columns else None
     for spec in specs:
         fn = get_reward(spec)
-        vals = fn(prompts, completions)
+        vals = fn(prompts, completions, tasks=tasks) if tasks is not None and takes_tasks(fn) else \
+            fn(prompts, completions)
         if len(vals) != len(completions):
             raise ValueError(f"reward {spec.name!r} returned {len(vals)} values for {len(completions)} rows")
         out[spec.name] = np.array(vals, dtype="float64")  # None -> NaN: the reward does not apply
@@ -95,8 +109,14 @@ def score_frame(pdf: pd.DataFrame, specs: list[RewardSpec], cfg: ScoreConfig | N
         assert cfg is not None
         out[COMBINED_RAW] = combined
         words = [len(c.split()) for c in completions]
-        combined = np.array(length_penalized(list(combined), words, cfg) if control == "penalty"
-                            else length_decorrelated(list(combined), words), dtype="float64")
+        if control == "penalty":
+            combined = np.array(length_penalized(list(combined), words, cfg), dtype="float64")
+        else:  # per prompt: pairs are drawn within a prompt, and a prompt's rows are all in this frame
+            adjusted = combined.copy()
+            for rows in pdf.groupby("messages_json", sort=False).indices.values():
+                vals = length_decorrelated([float(combined[i]) for i in rows], [words[i] for i in rows])
+                adjusted[rows] = np.array(vals, dtype="float64")
+            combined = adjusted
     out[COMBINED] = combined
     return out
 
@@ -118,9 +138,9 @@ def length_penalized(values: list[float | None], words: list[int], cfg: ScoreCon
 def length_decorrelated(values: list[float | None], words: list[int]) -> list[float | None]:
     """Remove the least-squares slope of ``values`` on answer length: the result has zero correlation with length.
 
-    ArmoRM-style, over the rows of one scoring call: ``v - b * (words - mean(words))`` with ``b`` the OLS slope, so the
-    mean reward is unchanged and only the part that length explains linearly goes. Fewer than 3 scored rows, or
-    rows all of one length, are returned as they are.
+    ArmoRM-style, over the rows given (the score stage gives one prompt's candidates): ``v - b * (words -
+    mean(words))`` with ``b`` the OLS slope, so the mean reward is unchanged and only the part that length explains
+    linearly goes. Fewer than 3 scored rows, or rows all of one length, are returned as they are.
     """
     idx = [i for i, v in enumerate(values) if v is not None and not math.isnan(v)]
     if len(idx) < 3:
@@ -177,10 +197,29 @@ def _score_partition(batches: Iterator[pd.DataFrame], *, specs: list[RewardSpec]
     the Arrow payload and a pandas reshape per batch; Spark unpivots them instead (``scored``).
     """
     cols = components(specs, cfg)
-    for pdf in batches:
+
+    def score(pdf: pd.DataFrame) -> pd.DataFrame:
+        pdf = pdf.reset_index(drop=True)
         scored = score_frame(pdf, specs, cfg).reindex(columns=cols).astype("float64")
         scored.index = pdf.index
-        yield pd.concat([pdf[list(_IDS)], scored], axis=1)
+        return pd.concat([pdf[list(_IDS)], scored], axis=1)
+
+    # Rewards that compare a prompt's candidates (majority vote, a pairwise judge, per-prompt length control) must
+    # see all of them in one call, whatever the Arrow batch size: the rows come sorted by prompt, so the last
+    # prompt of a batch is held back until the next batch shows whether it goes on.
+    carry: pd.DataFrame | None = None
+    for pdf in batches:
+        if carry is not None:
+            pdf = pd.concat([carry, pdf], ignore_index=True)
+        if pdf.empty:
+            continue
+        last = pdf["prompt_id"].iloc[-1]
+        tail = (pdf["prompt_id"] == last).to_numpy()
+        carry = pdf[tail]
+        if (~tail).any():
+            yield score(pdf[~tail])
+    if carry is not None and not carry.empty:
+        yield score(carry)
 
 
 def scored(cands: DataFrame, specs: list[RewardSpec], cfg: ScoreConfig | None = None) -> DataFrame:
@@ -230,11 +269,15 @@ def score_candidates(tables: Tables, prompts: DataFrame, *, round_id: str, purpo
     done = (tables.read("scores").where((F.col("round_id") == round_id) & (F.col("purpose") == purpose)
                                         & (F.col("reward_name") == COMBINED))
             .select("prompt_id", "candidate_idx"))
-    todo = (cands.join(done, ["prompt_id", "candidate_idx"], "left_anti")
+    # Every candidate of a prompt with any unscored one: rewards that compare a prompt's candidates must see all of
+    # them, so a resumed run scores them as a run never stopped would.
+    unfinished = cands.join(done, ["prompt_id", "candidate_idx"], "left_anti").select("prompt_id").distinct()
+    todo = (cands.join(unfinished, "prompt_id")
             .join(prompts.select("prompt_id", F.to_json("messages").alias("messages_json")), "prompt_id")
-            .select("round_id", "purpose", "prompt_id", "candidate_idx", "completion", "messages_json"))
+            .select("round_id", "purpose", "prompt_id", "candidate_idx", "task", "completion", "messages_json"))
     t0 = time.perf_counter()
-    # By prompt: rewards that compare a prompt's candidates (majority vote) need them in one partition.
+    # By prompt: rewards that compare a prompt's candidates (majority vote) need them in one partition, sorted so
+    # the worker can keep each prompt's rows together across Arrow batches.
     out = scored(todo.repartition(cfg.partitions, "prompt_id").sortWithinPartitions("prompt_id"), cfg.rewards, cfg)
     written = tables.merge("scores", out)
     print(f"tao: score[{purpose}]: {written} score rows in {time.perf_counter() - t0:.1f}s "

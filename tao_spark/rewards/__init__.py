@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from tao_spark.config import RewardSpec
 
 BUILTINS = ("instruction_following", "json_key", "numeric_answer", "length_penalty", "coherence", "sql_executes",
-            "json_schema", "regex_match", "majority_vote")
+            "json_schema", "regex_match", "majority_vote", "self_consistency")
+# Rewards every prompt gets whatever it asks: a prompt with nothing else is tuned towards short and fluent only.
+FLOOR = ("length_penalty", "coherence")
 # Rewards that hold state (a model, an HTTP client) and are built from their params, not called with them.
 JUDGE = "judge"
 

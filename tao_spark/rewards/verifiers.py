@@ -547,11 +547,11 @@ def final_answer(text: str) -> str | None:
 
 
 def majority_vote(prompts: list[str], completions: list[str], min_candidates: int = 2) -> list[float]:
-    """Label-free self-consistency: the share of a prompt's candidates in this call whose answer equals this one's.
+    """Label-free self-consistency: the share of a prompt's candidates whose answer equals this one's.
 
-    Candidates of one prompt are the rows with the same prompt text (the score stage sends a prompt's candidates
-    together). 1.0 when all agree; an answer with no extractable final answer gets 0.0. NaN for a prompt with fewer
-    than ``min_candidates`` candidates in the call: agreement needs something to agree with.
+    Candidates of one prompt are the rows with the same prompt text (the score stage sends all of a prompt's
+    candidates in one call). 1.0 when all agree; an answer with no extractable final answer gets 0.0. NaN for a
+    prompt with fewer than ``min_candidates`` candidates in the call: agreement needs something to agree with.
     """
     pairs = _pairs(prompts, completions)
     answers = [final_answer(c) for _, c in pairs]
@@ -570,4 +570,35 @@ def majority_vote(prompts: list[str], completions: list[str], min_candidates: in
         for i in rows:
             a = answers[i]
             out[i] = 0.0 if a is None else votes[a] / len(rows)
+    return out
+
+
+# A prompt whose answers end in a short final answer: a number, a choice among given options, a yes/no, a name or
+# a single word. Self-consistency means something only there: two essays never "agree" on their last line.
+_SHORT_ASK = re.compile(
+    _NUMERIC_ASK.pattern + r"|\bhow (?:many|much|old|far|long)\b|\bwhat is the (?:total|sum|product|difference|"
+    r"result|value|average|remainder|answer)\b|\b(?:calculate|compute|solve|evaluate)\b|\bwhich of the following\b|"
+    r"\bmultiple[- ]choice\b|(?:^|\s)\(?[A-D][).]\s|\btrue or false\b|\byes or no\b|\banswer with (?:one|a single) "
+    r"(?:word|letter|name|option)\b|\bin (?:one|a single) word\b|\bjust the (?:name|number|letter|answer)\b|"
+    r"\bonly (?:the|a) (?:final )?(?:number|name|letter|answer)\b|\bone of the following options\b", re.I)
+
+
+def asks_short_answer(prompt: str) -> bool:
+    """Whether ``prompt``'s answers end in a short final answer that several samples can agree on."""
+    return isinstance(prompt, str) and _SHORT_ASK.search(prompt) is not None
+
+
+def self_consistency(prompts: list[str], completions: list[str], min_candidates: int = 2) -> list[float]:
+    """Majority vote (``majority_vote``) on the prompts that ask for a short final answer; NaN on the others.
+
+    The label-free signal for answer-type prompts: the share of the prompt's candidates whose final answer equals
+    this one's. The score stage hands a reward all of a prompt's candidates in one call, whatever the batching, so
+    the share is over every candidate of the prompt.
+    """
+    pairs = _pairs(prompts, completions)
+    rows = [i for i, (p, _) in enumerate(pairs) if asks_short_answer(p)]
+    votes = majority_vote([pairs[i][0] for i in rows], [pairs[i][1] for i in rows], min_candidates=min_candidates)
+    out = [NAN] * len(pairs)
+    for i, v in zip(rows, votes, strict=True):
+        out[i] = v
     return out
