@@ -554,11 +554,14 @@ def majority_vote(prompts: list[str], completions: list[str], min_candidates: in
     prompt with fewer than ``min_candidates`` candidates in the call: agreement needs something to agree with.
     """
     pairs = _pairs(prompts, completions)
-    answers = [final_answer(c) for _, c in pairs]
+    return _agreement([p for p, _ in pairs], [final_answer(c) for _, c in pairs], min_candidates)
+
+
+def _agreement(prompts: list[str], answers: list[str | None], min_candidates: int) -> list[float]:
     groups: dict[str, list[int]] = {}
-    for i, (p, _) in enumerate(pairs):
+    for i, p in enumerate(prompts):
         groups.setdefault(p, []).append(i)
-    out = [NAN] * len(pairs)
+    out = [NAN] * len(prompts)
     for rows in groups.values():
         if len(rows) < max(min_candidates, 2):
             continue
@@ -572,32 +575,54 @@ def majority_vote(prompts: list[str], completions: list[str], min_candidates: in
             out[i] = 0.0 if a is None else votes[a] / len(rows)
     return out
 
-
 # A prompt whose answers end in a short final answer: a number, a choice among given options, a yes/no, a name or
-# a single word. Self-consistency means something only there: two essays never "agree" on their last line.
-_SHORT_ASK = re.compile(
-    _NUMERIC_ASK.pattern + r"|\bhow (?:many|much|old|far|long)\b|\bwhat is the (?:total|sum|product|difference|"
-    r"result|value|average|remainder|answer)\b|\b(?:calculate|compute|solve|evaluate)\b|\bwhich of the following\b|"
-    r"\bmultiple[- ]choice\b|(?:^|\s)\(?[A-D][).]\s|\btrue or false\b|\byes or no\b|\banswer with (?:one|a single) "
-    r"(?:word|letter|name|option)\b|\bin (?:one|a single) word\b|\bjust the (?:name|number|letter|answer)\b|"
-    r"\bonly (?:the|a) (?:final )?(?:number|name|letter|answer)\b|\bone of the following options\b", re.I)
+# a single word. Self-consistency means something only there: two essays never "agree" on their last line. A
+# quantity question ("how many ...", "calculate ...") counts only with numbers in it: "how much storage do I use?"
+# asks for a procedure, not a figure.
+_CHOICE_ASK = re.compile(
+    r"\bwhich of the following\b|\bmultiple[- ]choice\b|(?:^|\s)\(?[A-D][).]\s|\btrue or false\b|\byes or no\b|"
+    r"\banswer with (?:one|a single) (?:word|letter|name|option)\b|\bin (?:one|a single) word\b|"
+    r"\bjust the (?:name|number|letter|answer)\b|\bonly (?:the|a) (?:final )?(?:number|name|letter|answer)\b|"
+    r"\bone of the following options\b", re.I)
+_QUANTITY_ASK = re.compile(r"\bhow (?:many|much)\b|\b(?:calculate|compute|solve|evaluate)\b|"
+                           r"\bwhat is the (?:total|sum|product|difference|result|value|average|remainder)\b", re.I)
+
+
+def _question(prompt: str) -> str:
+    """The part of a prompt that asks: its last paragraph (a grounding text above it asks nothing)."""
+    parts = [p for p in re.split(r"\n\s*\n", prompt) if p.strip()]
+    return parts[-1] if parts else ""
+
+
+def asks_number(prompt: str) -> bool:
+    """Whether ``prompt`` asks for a number: it says so, or its question asks for a quantity of given numbers."""
+    q = _question(prompt) if isinstance(prompt, str) else ""
+    return bool(_NUMERIC_ASK.search(q) or (_QUANTITY_ASK.search(q) and re.search(r"\d", q)))
 
 
 def asks_short_answer(prompt: str) -> bool:
     """Whether ``prompt``'s answers end in a short final answer that several samples can agree on."""
-    return isinstance(prompt, str) and _SHORT_ASK.search(prompt) is not None
+    return asks_number(prompt) or (isinstance(prompt, str) and _CHOICE_ASK.search(_question(prompt)) is not None)
 
 
 def self_consistency(prompts: list[str], completions: list[str], min_candidates: int = 2) -> list[float]:
-    """Majority vote (``majority_vote``) on the prompts that ask for a short final answer; NaN on the others.
+    """Majority vote on the prompts that ask for a short final answer; NaN on the others.
 
     The label-free signal for answer-type prompts: the share of the prompt's candidates whose final answer equals
-    this one's. The score stage hands a reward all of a prompt's candidates in one call, whatever the batching, so
-    the share is over every candidate of the prompt.
+    this one's. Where the prompt asks for a number (``asks_number``), the answer compared is the final number, and an answer without one agrees with nothing. The score stage hands a
+    reward all of a prompt's candidates in one call, whatever the batching, so the share is over every candidate.
     """
     pairs = _pairs(prompts, completions)
     rows = [i for i, (p, _) in enumerate(pairs) if asks_short_answer(p)]
-    votes = majority_vote([pairs[i][0] for i in rows], [pairs[i][1] for i in rows], min_candidates=min_candidates)
+    answers: list[str | None] = []
+    for i in rows:
+        prompt, completion = pairs[i]
+        if asks_number(prompt):
+            n = final_number(completion)
+            answers.append(None if n is None else f"{n:g}" if n == n and abs(n) < 1e15 else str(n))
+        else:
+            answers.append(final_answer(completion))
+    votes = _agreement([pairs[i][0] for i in rows], answers, min_candidates)
     out = [NAN] * len(pairs)
     for i, v in zip(rows, votes, strict=True):
         out[i] = v
