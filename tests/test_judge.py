@@ -41,17 +41,28 @@ def test_parse_verdict():
 class Canned:
     """An OpenAI-compatible /v1/chat/completions on loopback that answers from a function of the question."""
 
-    def __init__(self, answer) -> None:
-        self.answer, self.requests = answer, []
+    def __init__(self, answer, busy: int = 0) -> None:
+        self.answer, self.requests, self.busy = answer, [], busy
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+                if outer.busy > 0:  # rate limited, as a serving endpoint over its quota answers
+                    outer.busy -= 1
+                    data = b'{"error": {"message": "rate limit", "type": "rate_limit"}}'
+                    self.send_response(429)
+                    self.send_header("Retry-After", "0")
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 reply = outer.answer(body["messages"][-1]["content"])
                 if reply is None:
                     self.send_response(500)
+                    self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
                 data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
@@ -93,7 +104,8 @@ def server() -> Iterator[Canned]:
 def test_endpoint_pointwise_records_failures(server, monkeypatch):
     monkeypatch.setenv("JUDGE_KEY", "sk-test")
     fn = load_reward(RewardSpec(name="j", fn="judge", params={"base_url": server.url, "model": "judge-1",
-                                                               "api_key_env": "JUDGE_KEY"}))
+                                                               "api_key_env": "JUDGE_KEY", "retries": 1,
+                                                               "cache": ""}))
     before = dict(judge_mod.stats)
     out = fn(["q"] * 5, ["a good answer", "a poor answer", "garbage", "eleven", "crash"])
     assert out[0] == pytest.approx(8 / 9) and out[1] == pytest.approx(2 / 9)
@@ -101,12 +113,13 @@ def test_endpoint_pointwise_records_failures(server, monkeypatch):
     assert fn.last_failures == [False, False, True, True, True]
     assert judge_mod.stats["failures"] - before["failures"] == 3
     assert {r["path"] for r in server.requests} == {"/v1/chat/completions"}
+    assert len(server.requests) == 6  # the 500 was retried once, then recorded as a failure
     assert server.requests[0]["auth"] == "Bearer sk-test" and server.requests[0]["model"] == "judge-1"
     assert server.requests[0]["temperature"] == 0.0
 
 
 def test_pairwise_mode_scores_win_share_within_a_prompt(server):
-    fn = Judge(base_url=server.url + "/v1", mode="pairwise")
+    fn = Judge(base_url=server.url + "/v1", mode="pairwise", cache="")
     out = fn(["p1", "p1", "p1", "p2", "p2", "p3"], ["good one", "bad one", "also good", "bad", "bad too", "alone"])
     assert out[:3] == pytest.approx([0.75, 0.0, 0.75])  # a good answer beats the bad one and ties the other
     assert out[3:5] == pytest.approx([0.5, 0.5])
@@ -114,7 +127,7 @@ def test_pairwise_mode_scores_win_share_within_a_prompt(server):
 
 
 def test_score_stage_stores_the_judge_failure_component(server, spark):
-    specs = [RewardSpec(name="judge", fn="judge", params={"base_url": server.url}),
+    specs = [RewardSpec(name="judge", fn="judge", params={"base_url": server.url, "cache": ""}),
              RewardSpec(name="coh", fn="coherence", weight=0.0)]
     msgs = json.dumps([{"role": "user", "content": "Tell me about tides."}])
     pdf = pd.DataFrame({"messages_json": [msgs] * 3, "completion": ["good tides text", "garbage", "plain text"]})
@@ -154,3 +167,48 @@ def test_local_model_judge_runs_greedy_and_records_what_it_cannot_parse(tiny_mod
     assert len(out) == 2 and len(fn.last_failures) == 2
     for v, failed in zip(out, fn.last_failures, strict=True):  # a random model: whatever it says is accounted for
         assert failed == math.isnan(v) and (failed or 0 <= v <= 1)
+
+
+def test_a_rate_limited_endpoint_is_retried_not_scored_as_missing(tmp_path):
+    """Two 429s first (Retry-After: 0): the openai client's retries get every verdict."""
+    s = Canned(lambda q: "Rating: 10", busy=2)
+    try:
+        fn = Judge(base_url=s.url, retries=3, concurrency=1, cache="")
+        assert fn(["q", "q"], ["a", "b"]) == [1.0, 1.0] and fn.last_failures == [False, False]
+        assert len(s.requests) == 4
+        out = Judge(base_url=s.url, retries=0, cache="")
+        s.busy = 1
+        got = out(["q"], ["c"])
+        assert math.isnan(got[0]) and out.last_failures == [True]  # no retries left: a recorded failure
+    finally:
+        s.server.shutdown()
+
+
+def test_replies_are_cached_so_a_rerun_costs_no_request(tmp_path):
+    s = Canned(lambda q: "Rating: 7")
+    try:
+        cache = str(tmp_path / "judge.sqlite")
+        first = Judge(base_url=s.url, cache=cache)(["q1", "q2"], ["a", "b"])
+        again = Judge(base_url=s.url, cache=cache)(["q1", "q2", "q3"], ["a", "b", "c"])
+        assert again[:2] == first and len(s.requests) == 3  # only the new question went out
+        Judge(base_url=s.url, model="other", cache=cache)(["q1"], ["a"])
+        assert len(s.requests) == 4  # another judge model is another question
+    finally:
+        s.server.shutdown()
+
+
+def test_guidelines_per_task_reach_the_judge_and_urls_are_normalised():
+    from tao_spark.rewards.judge import api_base
+
+    s = Canned(lambda q: "Rating: 5")
+    try:
+        fn = Judge(base_url=s.url, cache="", guidelines={"support": "Cite the help-center text."})
+        fn(["q", "q"], ["a", "b"], tasks=["support", "chat"])
+        asked = sorted(r["messages"][-1]["content"] for r in s.requests)
+        assert sum("Cite the help-center text." in q for q in asked) == 1
+    finally:
+        s.server.shutdown()
+    assert api_base("https://adb-1.azuredatabricks.net/serving-endpoints") == \
+        "https://adb-1.azuredatabricks.net/serving-endpoints"
+    assert api_base("http://h:8000") == "http://h:8000/v1"
+    assert api_base("http://h:8000/v1/chat/completions") == "http://h:8000/v1"

@@ -609,8 +609,9 @@ def self_consistency(prompts: list[str], completions: list[str], min_candidates:
     """Majority vote on the prompts that ask for a short final answer; NaN on the others.
 
     The label-free signal for answer-type prompts: the share of the prompt's candidates whose final answer equals
-    this one's. Where the prompt asks for a number (``asks_number``), the answer compared is the final number, and an answer without one agrees with nothing. The score stage hands a
-    reward all of a prompt's candidates in one call, whatever the batching, so the share is over every candidate.
+    this one's. Where the prompt asks for a number (``asks_number``), the answer compared is the final number, and
+    an answer without one agrees with nothing. The score stage hands a reward all of a prompt's candidates in one
+    call, whatever the batching, so the share is over every candidate.
     """
     pairs = _pairs(prompts, completions)
     rows = [i for i, (p, _) in enumerate(pairs) if asks_short_answer(p)]
