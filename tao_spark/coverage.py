@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from tao_spark.config import RewardSpec
-from tao_spark.rewards import FLOOR, JUDGE, reward_text
+from tao_spark.rewards import FLOOR, JUDGE, MLFLOW_JUDGE, reward_text
 
 if TYPE_CHECKING:
     from tao_spark.config import Config
@@ -34,8 +34,12 @@ WARN_SHARE = 0.5
 
 
 def _always(spec: RewardSpec) -> bool:
-    """Rewards that read every prompt (a judge, a reward model); asking them about probes would cost a model call."""
-    return spec.fn == JUDGE or not spec.fn
+    """Rewards that read every prompt (a judge, a reward model, an MLflow scorer); asking them about probes would
+    cost a model call."""
+    from tao_spark.rewards.mlflow_genai import ScorerReward
+    from tao_spark.score import get_reward
+
+    return spec.fn in (JUDGE, MLFLOW_JUDGE) or not spec.fn or isinstance(get_reward(spec), ScorerReward)
 
 
 def _floor(spec: RewardSpec) -> bool:

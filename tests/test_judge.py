@@ -65,7 +65,11 @@ class Canned:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+                data = json.dumps({"id": f"chatcmpl-{len(outer.requests)}", "object": "chat.completion",
+                                   "created": 0, "model": body.get("model") or "judge",
+                                   "choices": [{"index": 0, "finish_reason": "stop",
+                                                "message": {"role": "assistant", "content": reply}}],
+                                   "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))

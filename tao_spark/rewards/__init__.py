@@ -29,6 +29,7 @@ BUILTINS = ("instruction_following", "json_key", "numeric_answer", "length_penal
 FLOOR = ("length_penalty", "coherence")
 # Rewards that hold state (a model, an HTTP client) and are built from their params, not called with them.
 JUDGE = "judge"
+MLFLOW_JUDGE = "mlflow_judge"
 
 
 def reward_text(messages: list[dict[str, str]]) -> str:
@@ -46,14 +47,19 @@ class RewardFn(Protocol):
 def load_reward(spec: RewardSpec) -> RewardFn:
     """The callable ``spec`` names (a built-in or ``package.module:function``) with ``spec.params`` bound.
 
-    ``fn: judge`` builds an LLM judge (``tao_spark.rewards.judge``); a spec with ``model`` and no ``fn`` loads a
-    trained reward model (``tao_spark.rewards.model``). Parameters are checked against the function's signature
+    ``fn: judge`` builds an LLM judge (``tao_spark.rewards.judge``), ``fn: mlflow_judge`` an MLflow judge, and a
+    ``package.module:name`` that is an MLflow scorer is called as one (``tao_spark.rewards.mlflow_genai``); a spec
+    with ``model`` and no ``fn`` loads a trained reward model (``tao_spark.rewards.model``). Parameters are checked against the function's signature
     here, so a misspelt one fails when the config is loaded rather than inside a Spark task.
     """
     if spec.fn == JUDGE:
         from tao_spark.rewards.judge import Judge
 
         return _build(Judge, spec, {"model": spec.model} if spec.model else {})
+    if spec.fn == MLFLOW_JUDGE:
+        from tao_spark.rewards.mlflow_genai import MlflowJudge
+
+        return _build(MlflowJudge, spec, {"model": spec.model} if spec.model else {})
     if not spec.fn:
         from tao_spark.rewards.model import RewardModel
 
@@ -71,6 +77,11 @@ def load_reward(spec: RewardSpec) -> RewardFn:
                          "or give package.module:function")
     if not callable(fn):
         raise ValueError(f"reward '{spec.name}': {spec.fn!r} is not callable")
+    if ":" in spec.fn:
+        from tao_spark.rewards.mlflow_genai import ScorerReward, is_scorer
+
+        if is_scorer(fn):  # an MLflow @scorer function or judge: called per answer with inputs and outputs
+            return _build(ScorerReward, spec, {"scorer": fn})
     try:
         inspect.signature(fn).bind([], [], **spec.params)
     except TypeError as e:
