@@ -49,8 +49,9 @@ def load_reward(spec: RewardSpec) -> RewardFn:
 
     ``fn: judge`` builds an LLM judge (``tao_spark.rewards.judge``), ``fn: mlflow_judge`` an MLflow judge, and a
     ``package.module:name`` that is an MLflow scorer is called as one (``tao_spark.rewards.mlflow_genai``); a spec
-    with ``model`` and no ``fn`` loads a trained reward model (``tao_spark.rewards.model``). Parameters are checked against the function's signature
-    here, so a misspelt one fails when the config is loaded rather than inside a Spark task.
+    with ``model`` and no ``fn`` loads a trained reward model (``tao_spark.rewards.model``). Parameters are checked
+    against the function's signature here, so a misspelt one fails when the config is loaded rather than inside a
+    Spark task.
     """
     if spec.fn == JUDGE:
         from tao_spark.rewards.judge import Judge
