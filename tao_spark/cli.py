@@ -237,6 +237,26 @@ def _coverage(a: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _genai_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--round", help="round id (default: the latest evaluated round)")
+    p.add_argument("--arm", choices=["challenger", "champion"], default="challenger", help="whose answers")
+
+
+@command("genai-eval", "mlflow.genai.evaluate of a round's held-out answers, every reward as an MLflow scorer",
+         _genai_args)
+def _genai_eval(a: argparse.Namespace, cfg: Config) -> int:
+    from tao_spark.registry import mlflow_evaluate
+    from tao_spark.tables import TableNotFound
+
+    _, tables = _context(cfg)
+    try:
+        result = mlflow_evaluate(tables, cfg, a.round, a.arm)
+    except TableNotFound:
+        raise UserError("no evaluations yet: run `tao round` first") from None
+    print(json.dumps({"run_id": result.run_id, "metrics": {k: float(v) for k, v in result.metrics.items()}}))
+    return 0
+
+
 def _round_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new", action="store_true", help="start a fresh round even if one is unfinished")
     p.add_argument("--json", action="store_true", help="print the round's row as JSON")

@@ -328,3 +328,34 @@ def register(
         mlflow.set_tag("tao.model_version", version.version)
     return Registration(run.info.run_id, str(version.version), f"models:/{cfg.mlflow.model_name}/{version.version}",
                         decision)
+
+
+def mlflow_evaluate(tables: Tables, cfg: Config, round_id: str | None = None, arm: str = "challenger") -> Any:
+    """``mlflow.genai.evaluate`` of one arm's held-out answers in ``evaluations`` (default: the latest round),
+    with every configured reward as a scorer; the result's run is in the configured experiment."""
+    import json
+
+    import mlflow
+    import pandas as pd
+    from pyspark.sql import functions as F
+
+    from tao_spark.rewards import load_reward, reward_text
+    from tao_spark.rewards.mlflow_genai import as_scorer
+
+    if arm not in ("challenger", "champion"):
+        raise ValueError(f"arm must be challenger or champion, got {arm!r}")
+    if not cfg.score.rewards:
+        raise ValueError("score.rewards is empty: no reward to evaluate with")
+    ev = tables.read("evaluations")
+    if round_id is None:
+        latest = ev.agg(F.max("created_at")).first()[0]
+        round_id = ev.where(F.col("created_at") == latest).select("round_id").first()[0]
+    rows = (ev.where(F.col("round_id") == round_id)
+            .join(tables.read("prompts").select("prompt_id", F.to_json("messages").alias("messages_json")),
+                  "prompt_id")
+            .select("prompt_id", "task", F.col(arm).alias("answer"), "messages_json").toPandas())
+    data = pd.DataFrame({"inputs": [{"prompt": reward_text(json.loads(m))} for m in rows["messages_json"]],
+                         "outputs": list(rows["answer"])})
+    setup(cfg)
+    with mlflow.start_run(run_name=f"{round_id}-{arm}-scorers"):
+        return mlflow.genai.evaluate(data=data, scorers=[as_scorer(s.name, load_reward(s)) for s in cfg.score.rewards])

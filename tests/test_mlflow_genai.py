@@ -12,8 +12,9 @@ import pytest
 from mlflow.genai.scorers import scorer
 
 from tao_spark.config import RewardSpec, load_config
+from tao_spark.registry import mlflow_evaluate
 from tao_spark.rewards import load_reward
-from tao_spark.rewards.mlflow_genai import as_scorer, evaluate_round, feedback_value
+from tao_spark.rewards.mlflow_genai import as_scorer, feedback_value
 from tao_spark.tables import SCHEMAS, Tables
 from tests.test_judge import Canned
 
@@ -72,7 +73,7 @@ def test_the_rewards_as_scorers_over_a_rounds_evaluations(spark, tmp_path):
     tables.merge("evaluations", spark.createDataFrame(
         [("r1", pid, "t", answers[pid], "x, y", 1.0, 0.0, 5, 2, "{}", "{}", "challenger", now) for pid, _ in prompts],
         SCHEMAS["evaluations"]))
-    result = evaluate_round(tables, cfg, "r1")
+    result = mlflow_evaluate(tables, cfg, "r1")
     assert result.run_id
     table = result.result_df
     by_prompt = {row["request"]["prompt"]: row for row in table.to_dict("records")}
@@ -80,5 +81,5 @@ def test_the_rewards_as_scorers_over_a_rounds_evaluations(spark, tmp_path):
     assert tea["instruct/value"] == 1.0 and arithmetic["numeric/value"] == 1.0
     assert result.metrics["instruct/mean"] == 1.0
     # One scorer by itself, as mlflow.genai.evaluate calls it.
-    assert as_scorer(RewardSpec(name="n", fn="numeric_answer"))(
+    assert as_scorer("n", load_reward(RewardSpec(name="n", fn="numeric_answer")))(
         inputs={"prompt": prompts[1][1]}, outputs="I do not know") == 0.0

@@ -8,8 +8,8 @@
         # any @scorer function or judge object of yours
         - {name: concise, fn: my_pkg.scorers:concise}
 
-    from tao_spark.rewards.mlflow_genai import evaluate_round
-    evaluate_round(tables, cfg, round_id)   # mlflow.genai.evaluate over a round's evaluations, the rewards as scorers
+    from tao_spark.registry import mlflow_evaluate
+    mlflow_evaluate(tables, cfg, round_id)   # mlflow.genai.evaluate over a round's evaluations, rewards as scorers
 
 A scorer is called with ``inputs={"prompt": <reward text>}`` and ``outputs=<answer>``; what it returns becomes the
 reward: a number as it is, a bool or yes/no/pass/fail as 1.0/0.0. A ``Feedback`` with an error, or a value that is
@@ -21,11 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from tao_spark.config import Config, RewardSpec
-    from tao_spark.tables import Tables
+from typing import Any
 
 log = logging.getLogger(__name__)
 NAN = float("nan")
@@ -98,48 +94,13 @@ class MlflowJudge(ScorerReward):
                                     feedback_value_type=types[feedback_value_type]), concurrency)
 
 
-def as_scorer(spec: RewardSpec) -> Any:
-    """The reward ``spec`` as an MLflow scorer named after it: ``inputs["prompt"]`` and ``outputs`` in, its value
-    out (``None`` where the reward does not apply to the prompt)."""
+def as_scorer(name: str, fn: Any) -> Any:
+    """A reward (``load_reward``'s callable) as an MLflow scorer called ``name``: ``inputs["prompt"]`` and
+    ``outputs`` in, its value out (``None`` where the reward does not apply to the prompt)."""
     from mlflow.genai.scorers import scorer
-
-    from tao_spark.rewards import load_reward
-
-    fn = load_reward(spec)
 
     def score(inputs: dict[str, Any], outputs: Any) -> float | None:
         value = fn([str(inputs.get("prompt", ""))], [outputs if isinstance(outputs, str) else str(outputs)])[0]
         return None if value != value else float(value)
 
-    return scorer(score, name=spec.name)
-
-
-def evaluate_round(tables: Tables, cfg: Config, round_id: str | None = None, arm: str = "challenger") -> Any:
-    """``mlflow.genai.evaluate`` of one arm's held-out answers in ``evaluations`` (default: the latest round),
-    with every configured reward as a scorer; the result's run is in the configured experiment."""
-    import json
-
-    import mlflow
-    import pandas as pd
-    from pyspark.sql import functions as F
-
-    from tao_spark import registry
-    from tao_spark.rewards import reward_text
-
-    if arm not in ("challenger", "champion"):
-        raise ValueError(f"arm must be challenger or champion, got {arm!r}")
-    if not cfg.score.rewards:
-        raise ValueError("score.rewards is empty: no reward to evaluate with")
-    ev = tables.read("evaluations")
-    if round_id is None:
-        latest = ev.agg(F.max("created_at")).first()[0]
-        round_id = ev.where(F.col("created_at") == latest).select("round_id").first()[0]
-    rows = (ev.where(F.col("round_id") == round_id)
-            .join(tables.read("prompts").select("prompt_id", F.to_json("messages").alias("messages_json")),
-                  "prompt_id")
-            .select("prompt_id", "task", F.col(arm).alias("answer"), "messages_json").toPandas())
-    data = pd.DataFrame({"inputs": [{"prompt": reward_text(json.loads(m))} for m in rows["messages_json"]],
-                         "outputs": list(rows["answer"])})
-    registry.setup(cfg)
-    with mlflow.start_run(run_name=f"{round_id}-{arm}-scorers"):
-        return mlflow.genai.evaluate(data=data, scorers=[as_scorer(s) for s in cfg.score.rewards])
+    return scorer(score, name=name)
