@@ -90,24 +90,34 @@ def answers(home: Path, model: str, prompts: list[str], max_new_tokens: int, whi
 
 
 def evaluate(lib: Any, rows: list[dict[str, Any]], responses: list[str]) -> list[dict[str, Any]]:
-    """Per prompt, IFBench's strict and loose verdicts (the whole prompt and each instruction)."""
+    """Per prompt, IFBench's strict and loose verdict on each instruction (its own ``evaluation_lib``, one
+    instruction at a time): ``None`` for an instruction whose checker needs nltk data this machine lacks."""
     out = []
     for r, response in zip(rows, responses, strict=True):
-        ex = lib.InputExample(key=r["key"], instruction_id_list=r["instruction_id_list"], prompt=r["prompt"],
-                              kwargs=r["kwargs"])
-        pr = {r["prompt"]: response}
-        strict = lib.test_instruction_following_strict(ex, pr)
-        loose = lib.test_instruction_following_loose(ex, pr)
-        out.append({"strict": strict.follow_instruction_list, "loose": loose.follow_instruction_list})
+        verdict: dict[str, list[bool | None]] = {"strict": [], "loose": []}
+        for i, kind in enumerate(r["instruction_id_list"]):
+            ex = lib.InputExample(key=r["key"], instruction_id_list=[kind], prompt=r["prompt"],
+                                  kwargs=[r["kwargs"][i]])
+            for mode, test in (("strict", lib.test_instruction_following_strict),
+                               ("loose", lib.test_instruction_following_loose)):
+                try:
+                    verdict[mode].append(bool(test(ex, {r["prompt"]: response}).follow_instruction_list[0]))
+                except LookupError:
+                    verdict[mode].append(None)
+        out.append(verdict)
     return out
 
 
 def figures(verdicts: list[dict[str, Any]]) -> dict[str, float]:
+    """Prompt- and instruction-level accuracy over the instructions that can be checked here."""
     f: dict[str, float] = {}
     for mode in ("strict", "loose"):
-        f[f"prompt_{mode}"] = sum(all(v[mode]) for v in verdicts) / len(verdicts)
-        flat = [x for v in verdicts for x in v[mode]]
+        known = [[x for x in v[mode] if x is not None] for v in verdicts]
+        known = [k for k in known if k]
+        f[f"prompt_{mode}"] = sum(all(k) for k in known) / len(known)
+        flat = [x for k in known for x in k]
         f[f"instruction_{mode}"] = sum(flat) / len(flat)
+    f["instructions_checked"] = sum(x is not None for v in verdicts for x in v["strict"])
     return {k: round(v, 4) for k, v in f.items()}
 
 
@@ -118,7 +128,7 @@ def bootstrap_delta(base: list[dict[str, Any]], tuned: list[dict[str, Any]], key
     n = len(base)
 
     def acc(vs: list[dict[str, Any]], idx: list[int]) -> float:
-        flat = [x for i in idx for x in vs[i][key]]
+        flat = [x for i in idx for x in vs[i][key] if x is not None]
         return sum(flat) / max(len(flat), 1)
 
     deltas = sorted(acc(tuned, idx) - acc(base, idx) for idx in
@@ -141,9 +151,12 @@ def main() -> None:
 
     tao(home, "ingest", str(log), "--source", "ifbench", *overrides)
     coverage = last_json(tao(home, "coverage", "--json", *overrides))
-    tao(home, "round", *overrides)
-    rnd = last_json(tao(home, "sql", "SELECT round_id, tuned_model, pairs, metrics FROM rounds "
-                                     "ORDER BY started_at DESC LIMIT 1", "--json", *overrides))[0]
+    query = "SELECT round_id, tuned_model, pairs, metrics FROM rounds WHERE status = 'done' ORDER BY started_at LIMIT 1"
+    done = last_json(tao(home, "sql", query, "--json", *overrides)) if (home / "lakehouse" / "rounds").exists() else []
+    if not done:  # one round only: a re-run after it finished must not start another on the same prompts
+        tao(home, "round", *overrides)
+        done = last_json(tao(home, "sql", query, "--json", *overrides))
+    rnd = done[0]
     held = {r["prompt"] for r in last_json(tao(
         home, "sql", f"SELECT p.prompt FROM evaluations e JOIN prompts p USING (prompt_id) "
                      f"WHERE e.round_id = '{rnd['round_id']}'", "--json", *overrides))}
@@ -164,6 +177,8 @@ def main() -> None:
 
     ours = instruction_following(texts, base, strict=True)
     agree = [i for i, v in enumerate(ours) if v == v]
+    # Where both can decide: our strict reward against IFBench's strict verdict on the same answer.
+    agree = [i for i in agree if all(x is not None for x in vb[i]["strict"])]
     agreement = sum((ours[i] == 1.0) == all(vb[i]["strict"]) for i in agree) / max(len(agree), 1)
     result = {
         "at": now(), "machine": machine(), "overrides": overrides, "round_id": rnd["round_id"],

@@ -152,6 +152,11 @@ def report(rnd: Round, cfg: Config) -> str:
     lines.append(f"  candidates      {m.get('candidates', 0)} ({m.get('tokens_generated', 0)} tokens, "
                  f"{100 * (m.get('candidates_length_capped') or 0):.0f}% hit max_new_tokens)")
     lines.append(f"  pairs built     {m.get('pairs', 0)}")
+    if m.get("coverage"):
+        cov = m["coverage"]
+        per_task = ", ".join(f"{t} {v['floor_only']}/{v['prompts']}" for t, v in cov["tasks"].items())
+        lines.append(f"  floor-only      {per_task} (read by no reward but length and coherence; "
+                     f"{cov['instructions']['recognised']} instructions recognised)")
     if "eval_challenger_reward" in m:
         lines.append(f"  reward          {m['eval_champion_reward']:.3f} -> {m['eval_challenger_reward']:.3f} "
                      f"(held-out, greedy; baseline {rnd.baseline_model})")
