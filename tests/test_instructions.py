@@ -153,3 +153,13 @@ def test_a_kind_without_its_nltk_data_is_left_out_not_failed(monkeypatch):
     assert instruction_following(["Include exactly 3 numbers in the response. Do not use any commas."],
                                  ["1 2, 3"]) == [0.0]  # only the comma rule counts
     assert checkable("count:numbers")
+
+
+def test_a_library_kind_met_only_loosely_is_half_a_pass():
+    p = "Describe Rome. Write the entire response in title case (capitalize the first letter of every major word)."
+    answers = ["Rome Is The Eternal City", "Sure, here it is:\nRome Is The Eternal City", "rome is old"]
+    assert instruction_following([p] * 3, answers) == [1.0, 0.5, 0.0]
+    assert instruction_following([p] * 3, answers, strict=True) == [1.0, 0.0, 0.0]  # compliance stays strict
+    # The bundled kinds keep their own pass/fail: a preamble does not rescue "start your answer with".
+    q = 'Describe Rome. Start your answer with "Rome".'
+    assert instruction_following([q], ['Sure:\nRome is old.']) == [0.0]

@@ -290,7 +290,8 @@ _READERS: list[tuple[str, str, Args]] = [
      lambda m, _: {{"num": "capital_frequency", "rel": "capital_relation"}[k]: v for k, v in
                    _count_rel("num", "rel")(m, _).items()}),
     ("language:response_language",
-     rf"(?:{_ANS}|respond|answer|reply|write|written)\s+(?:should be |must be |only |entirely |is )*(?:in|using) "
+     rf"(?<!word of )(?:{_ANS}|respond|answer|reply|write|written)\s+(?:should be |must be |only |entirely |is )*"
+     rf"(?:in|using) "
      rf"(?:the )?{_LANG}(?: language)?\b(?!\s+(?:and|,)\s+in all)",
      lambda m, _: None if m.group("lang").lower() == "english" else {"language": _LANGUAGES[m.group("lang").lower()]}),
     ("language:response_language", rf"{_LANG} language,? no other language",
@@ -346,6 +347,10 @@ def read_spans(text: str) -> tuple[tuple[int, Instruction], ...]:
             # Lists become tuples so an instruction hashes (the checkers only iterate over them).
             frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in args.items()))
             found.append((m.start(), m.end(), Instruction(kind, frozen)))
+    # A reading inside another's words is part of that instruction ("at least two sentences ending in a period
+    # followed by at least two bullet points" is one IFBench kind, not also a sentence count).
+    found = [f for f in found if not any(o is not f and o[0] <= f[0] and f[1] <= o[1] and (o[0], o[1]) != (f[0], f[1])
+                                         for o in found)]
     found.sort(key=lambda f: f[0])
     return tuple((start, i) for start, _, i in found)
 
@@ -432,6 +437,16 @@ def follows(instruction: Instruction, response: str) -> bool | None:
     except Exception as e:  # noqa: BLE001 - third-party checkers raise anything on malformed answers
         log.debug("checker %s failed on an answer: %s", instruction.kind, e)
         return False
+
+
+def follows_loosely(instruction: Instruction, response: str) -> bool:
+    """Whether some loose variant of ``response`` follows ``instruction``: the benchmarks' loose mode (the answer
+    without its first or last line, or without markdown asterisks), so a preamble or bold text is a near miss."""
+    from if_verifiable.common import get_loose_transformations
+
+    if not isinstance(response, str) or not response.strip():
+        return False
+    return any(follows(instruction, v) for v in get_loose_transformations(response) if v.strip())
 
 
 @functools.lru_cache(maxsize=256)
