@@ -101,8 +101,8 @@ def _before(text: str, start: int) -> str:
 Args = Callable[[re.Match[str], str], dict[str, Any] | None]
 
 
-def _n(key: str, group: str = "n", plus: int = 0) -> Args:
-    return lambda m, _: {key: number(m.group(group)) + plus}
+def _n(key: str) -> Args:
+    return lambda m, _: {key: number(m.group("n"))}
 
 
 def _none(m: re.Match[str], _: str) -> dict[str, Any]:
