@@ -119,7 +119,7 @@ def _about_words(m: re.Match[str], _: str) -> dict[str, Any]:
     return {"min_words": round(n * 0.9), "max_words": round(n * 1.1)}
 
 
-def _count_rel(count_key: str, rel_key: str) -> Args:
+def _count_rel(count_key: str, rel_key: str) -> Callable[[re.Match[str], str], dict[str, Any]]:
     def args(m: re.Match[str], _: str) -> dict[str, Any]:
         rel = _relation(m.group("rel"))
         n = number(m.group("n"))
@@ -282,13 +282,10 @@ _READERS: list[tuple[str, str, Args]] = [
     ("keywords:letter_frequency",
      rf"(?:the )?letter [\"']?(?P<l>[a-z])[\"']? (?:should|must) (?:appear|be used|occur) {_REL} (?P<n>{NUM}) "
      r"times",
-     lambda m, _: {"letter": m.group("l").lower(),
-                   **{{"num": "let_frequency", "rel": "let_relation"}[k]: v for k, v in
-                      _count_rel("num", "rel")(m, _).items()}}),
+     lambda m, t: {"letter": m.group("l").lower(), **_count_rel("let_frequency", "let_relation")(m, t)}),
     ("change_case:capital_word_frequency",
      rf"words? (?:with|in) all capital letters (?:should|must) appear {_REL} (?P<n>{NUM}) times",
-     lambda m, _: {{"num": "capital_frequency", "rel": "capital_relation"}[k]: v for k, v in
-                   _count_rel("num", "rel")(m, _).items()}),
+     _count_rel("capital_frequency", "capital_relation")),
     ("language:response_language",
      rf"(?<!word of )(?:{_ANS}|respond|answer|reply|write|written)\s+(?:should be |must be |only |entirely |is )*"
      rf"(?:in|using) "

@@ -119,7 +119,8 @@ class Judge:
     def __call__(self, prompts: list[str], completions: list[str], tasks: list[str] | None = None) -> list[float]:
         if len(prompts) != len(completions) or (tasks is not None and len(tasks) != len(prompts)):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        rubrics = [self._rubric(t) for t in (tasks or [None] * len(prompts))]
+        per_row: list[str | None] = list(tasks) if tasks is not None else [None] * len(prompts)
+        rubrics = [self._rubric(t) for t in per_row]
         if self.mode == "pointwise":
             replies = self._ask([_POINTWISE.format(rubric=r, prompt=p, answer=c)
                                  for r, p, c in zip(rubrics, prompts, completions, strict=True)])

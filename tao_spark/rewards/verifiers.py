@@ -312,7 +312,7 @@ def json_key(prompts: list[str], completions: list[str]) -> list[float]:
     out = []
     for prompt, completion in _pairs(prompts, completions):
         asked = [c for c in _constraints(prompt if isinstance(prompt, str) else "") if c.kind == "json_key"]
-        out.append(float(check_constraint(asked[0], completion)) if asked else NAN)
+        out.append(float(bool(check_constraint(asked[0], completion))) if asked else NAN)
     return out
 
 
