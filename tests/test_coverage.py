@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import random
@@ -125,19 +124,25 @@ def test_probes_decide_what_applies():
     assert applies(specs, "What is 3 * 4? Answer with a single number. Do not use any commas.") == [True, True, True]
 
 
+SEEN_TASKS: list[list[str] | None] = []
+
+
+def task_reward(prompts: list[str], completions: list[str], tasks: list[str] | None = None) -> list[float]:
+    """A reward that takes each row's task, as the judge does for per-task guidelines."""
+    SEEN_TASKS.append(tasks)
+    return [1.0] * len(prompts)
+
+
 def test_the_score_frame_hands_tasks_to_rewards_that_take_them():
-    seen = []
+    SEEN_TASKS.clear()
+    out = score_frame(_candidates(n_prompts=1), [RewardSpec(name="t", fn="tests.test_coverage:task_reward")])
+    assert SEEN_TASKS == [["t"] * 4] and (out[COMBINED] == 1.0).all()
 
-    def by_task(prompts, completions, tasks=None):
-        seen.append(tasks)
-        return [1.0] * len(prompts)
 
-    import tao_spark.score as score_mod
+def test_a_mostly_floor_only_task_gets_a_warning_naming_what_to_add():
+    from tao_spark.coverage import warnings
 
-    spec = RewardSpec(name="t", fn="tests.test_coverage:_task_reward")
-    score_mod._rewards.clear()
-    globals()["_task_reward"] = by_task
-    frame = _candidates(n_prompts=1)
-    out = score_frame(frame, [spec])
-    assert seen == [["t"] * 4] and (out[COMBINED] == 1.0).all()
-    functools.partial  # noqa: B018 - keeps the import used where partial specs are built
+    cov = {"tasks": {"chat": {"prompts": 10, "floor_only": 6, "rewards": {}},
+                     "math": {"prompts": 10, "floor_only": 5, "rewards": {}}}}
+    [line] = warnings(cov)
+    assert line.startswith("task 'chat': 6 of 10") and "judge" in line and "tao train-reward" in line

@@ -61,6 +61,10 @@ def test_round_end_to_end(spark, tmp_path, tiny_model):
     rnd = loop.run_round(tables, cfg)
 
     assert rnd.status == "done" and rnd.n_train == 10 and rnd.n_holdout == 6
+    # Coverage was measured before generating: every prompt of the snapshot, and e_rate reads them all.
+    cov = rnd.metrics["coverage"]
+    assert cov["prompts"] == 60 and cov["prompts_version"] == rnd.prompts_version
+    assert all(t["floor_only"] == 0 and t["rewards"]["e_rate"] == t["prompts"] for t in cov["tasks"].values())
     cands = tables.read("candidates").where(F.col("purpose") == "train")
     assert cands.count() == 10 * 3
     assert cands.select("round_id", "prompt_id", "candidate_idx").distinct().count() == 30
