@@ -377,6 +377,10 @@ def _nltk_offline() -> None:
     import punkt
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tao_spark" / "nltk_data"
+    try:
+        (cache / "tokenizers" / "punkt_tab").mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home (some executors): the temp directory instead
+        cache = Path(tempfile.gettempdir()) / "tao_spark_nltk_data"
     target = cache / "tokenizers" / "punkt_tab" / "english"
     if not (target / "ortho_context.tab").exists():
         params = punkt.load_model("english")
