@@ -155,11 +155,11 @@ def test_a_kind_without_its_nltk_data_is_left_out_not_failed(monkeypatch):
     assert checkable("count:numbers")
 
 
-def test_a_library_kind_met_only_loosely_is_half_a_pass():
+def test_graded_credit_for_a_library_kind_is_its_loose_verdict():
     p = "Describe Rome. Write the entire response in title case (capitalize the first letter of every major word)."
     answers = ["Rome Is The Eternal City", "Sure, here it is:\nRome Is The Eternal City", "rome is old"]
-    assert instruction_following([p] * 3, answers) == [1.0, 0.5, 0.0]
-    assert instruction_following([p] * 3, answers, strict=True) == [1.0, 0.0, 0.0]  # compliance stays strict
-    # The bundled kinds keep their own pass/fail: a preamble does not rescue "start your answer with".
+    assert instruction_following([p] * 3, answers, graded=True) == [1.0, 0.5, 0.0]
+    assert instruction_following([p] * 3, answers) == [1.0, 0.0, 0.0]  # pass/fail by default
+    # The bundled kinds keep their own closeness: a preamble does not rescue "start your answer with".
     q = 'Describe Rome. Start your answer with "Rome".'
-    assert instruction_following([q], ['Sure:\nRome is old.']) == [0.0]
+    assert instruction_following([q], ["Sure:\nRome is old."], graded=True) == [0.25]

@@ -272,11 +272,9 @@ def instruction_following(prompts: list[str], completions: list[str], strict: bo
                           graded: bool = False) -> list[float]:
     """Fraction of the prompt's constraints the completion meets (``strict``: 1.0 only if all); NaN without any.
 
-    A library kind (one of the public taxonomy's, checked by ``if-verifiable``) met only in the benchmarks' loose
-    mode counts half.
-
     ``graded``: a missed constraint earns part credit for a near miss (``constraint_credit``: fewer commas, a word
-    count nearer the limit, more of the asked-for bullets); 1.0 still means every constraint met. ``strict`` wins
+    count nearer the limit, more of the asked-for bullets; for a taxonomy kind, meeting it in the benchmarks' loose
+    mode); 1.0 still means every constraint met. ``strict`` wins
     over ``graded``: a strict score is pass/fail by definition. A constraint that cannot be checked here
     (``check_constraint`` gives ``None``) counts neither way.
     """
@@ -288,23 +286,9 @@ def instruction_following(prompts: list[str], completions: list[str], strict: bo
             known = [c for c in credits if c is not None]
             out.append(sum(known) / len(known) if known else NAN)
             continue
-        if strict:
-            met = [m for m in (check_constraint(c, completion) for c in constraints) if m is not None]
-            out.append(NAN if not met else float(all(met)))
-            continue
-        # Share met; a library kind met only in the benchmarks' loose mode counts half (a preamble line or bold
-        # markup kept it from passing): with few passing samples per prompt, that near miss is often the only signal.
-        credits = [_share_credit(c, completion) for c in constraints]
-        known = [c for c in credits if c is not None]
-        out.append(sum(known) / len(known) if known else NAN)
+        met = [m for m in (check_constraint(c, completion) for c in constraints) if m is not None]
+        out.append(NAN if not met else float(all(met)) if strict else sum(met) / len(met))
     return out
-
-
-def _share_credit(constraint: Constraint, completion: str) -> float | None:
-    met = check_constraint(constraint, completion)
-    if met is None or met or constraint.kind in _CHECKS:
-        return None if met is None else float(met)
-    return 0.5 if follows_loosely(Instruction(constraint.kind, constraint.args), completion) else 0.0
 
 
 def json_key(prompts: list[str], completions: list[str]) -> list[float]:
