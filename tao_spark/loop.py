@@ -62,6 +62,7 @@ def start(tables: Tables, cfg: Config) -> Round | None:
     )
     save(tables, rnd, cfg)  # the row first: a kill before the run exists leaves a round that opens it on resume
     rnd.mlflow_run_id = registry.open_run(cfg, rnd.round_id)
+    save(tables, rnd, cfg)
     print(f"tao: round {rnd.round_id} on prompts@v{version} ({rnd.new_prompts} new), policy {rnd.base_model}, "
           f"baseline {rnd.baseline_model}", file=sys.stderr)
     # Before generating: which rewards will read these prompts, and which tasks would be tuned on the floor only.
