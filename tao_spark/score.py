@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from tao_spark.rounds import Round, StageResult
 
 COMBINED = "combined"
+# Bumped when a built-in reward's values change for the same config (see reward_key).
+SEMANTICS = "rewards-2"
 COMBINED_RAW = "combined_raw"
 _lock = threading.Lock()
 _rewards: dict[str, Any] = {}
@@ -159,8 +161,12 @@ def length_decorrelated(values: list[float | None], words: list[int]) -> list[fl
 
 
 def reward_key(specs: list[RewardSpec], cfg: ScoreConfig | None = None) -> str:
-    """Hash of the whole reward configuration: a score row can be reused only under the same one."""
-    parts: list[Any] = [dataclasses.asdict(s) for s in specs]
+    """Hash of the whole reward configuration: a score row can be reused only under the same one.
+
+    ``SEMANTICS`` is part of it: when what a built-in reward computes changes (the instruction reader reading more
+    phrasings, length control per prompt), scores of earlier rounds are recomputed rather than reused.
+    """
+    parts: list[Any] = [SEMANTICS, *(dataclasses.asdict(s) for s in specs)]
     if cfg is not None and cfg.length_control != "none":  # appended only when on: existing keys stay valid
         parts.append({k: getattr(cfg, k) for k in ("length_control", "length_target_words", "length_penalty_mode",
                                                    "length_penalty_weight")})
