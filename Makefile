@@ -82,10 +82,10 @@ test-vllm: $(VLLM_STAMP)
 
 # The lowest versions pyproject.toml claims. Resolution: pip finds one consistent set with the library and its
 # extras (metadata only). Runtime: those transformers/mlflow/trl/peft in .venv-lowest, layered over .venv (its
-# torch and Spark), run the tests that exercise them. mlflow 3.2 is the floor: TRL needs datasets>=4.7, hence
-# pyarrow>=21, which mlflow 3.0/3.1 refuse; mlflow 3.2 predates SQLAlchemy 2.1 (it imports a pool class 2.1 dropped).
-LOWEST         := torch==2.4.0 transformers==4.56.2 mlflow==3.2.0 pyspark[connect]==4.0.0 trl==1.10.0 peft==0.17.0
-LOWEST_RUNTIME := transformers==4.56.2 mlflow==3.2.0 trl==1.10.0 peft==0.17.0 datasets>=4.7,<5 sqlalchemy<2.1
+# torch and Spark), run the tests that exercise them. mlflow 3.10 is the floor: before it, logging a model into a run
+# with more than 100 metrics at one step fails (the model re-logs them and the duplicate check reads 100 keys only).
+LOWEST         := torch==2.4.0 transformers==4.56.2 mlflow==3.10.0 pyspark[connect]==4.0.0 trl==1.10.0 peft==0.17.0
+LOWEST_RUNTIME := transformers==4.56.2 mlflow==3.10.0 trl==1.10.0 peft==0.17.0 datasets>=4.7,<5
 LOW_VENV       ?= .venv-lowest
 
 test-lowest: $(STAMP)

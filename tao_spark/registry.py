@@ -83,7 +83,7 @@ def setup(cfg: Config) -> str:
     import mlflow
 
     for uri in (cfg.tracking_uri, cfg.registry_uri):
-        if uri.startswith("sqlite:///"):  # older MLflow (3.2) does not create the database's folder
+        if uri.startswith("sqlite:///"):  # some MLflow versions do not create the folder
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(cfg.tracking_uri)
     mlflow.set_registry_uri(cfg.registry_uri)
