@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -178,8 +179,45 @@ class TransformersGenerator:
                 results[i] = outs if temperature > 0 else [dataclasses.replace(outs[0]) for _ in range(n)]
         return results
 
+    def complete(self, chat: Chat, *, temperature: float, top_p: float, max_new_tokens: int, seed: int,
+                 stop: Sequence[str] = (), emit: Callable[[str], None] | None = None) -> Completion:
+        """One answer decoded as it goes (serving): ``emit`` gets each new piece of text as soon as it is final,
+        and decoding ends at the first of the ``stop`` strings, which the answer does not include.
+
+        A piece is final when it cannot change: text that ends in an incomplete character, or that could be the
+        start of a stop string, is held back until the next token settles it.
+        """
+        _check_args([chat], 1, temperature, top_p, max_new_tokens, [seed])
+        with self._tok_lock:
+            prompt = chat_prompt_ids(self.tokenizer, chat)
+        sent = 0
+        cut: str | None = None
+
+        def settle(tokens: list[list[int]]) -> bool:
+            nonlocal sent, cut
+            with self._tok_lock:
+                text = self.tokenizer.decode(tokens[0], skip_special_tokens=True)
+            hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+            if hits:
+                cut = text[:min(hits)]
+                return True
+            if emit is not None:
+                safe = _settled(text, stop)
+                if safe > sent:
+                    emit(text[sent:safe])
+                    sent = safe
+            return False
+
+        done = self._decode([prompt], 1, temperature, top_p, max_new_tokens, [seed], on_step=settle)[0][0]
+        if cut is not None:
+            done = Completion(cut, done.tokens, "stop")
+        if emit is not None and len(done.text) > sent:
+            emit(done.text[sent:])
+        return done
+
     def _decode(self, prompts: list[list[int]], streams: int, temperature: float, top_p: float,
-                max_new_tokens: int, seeds: list[int]) -> list[list[Completion]]:
+                max_new_tokens: int, seeds: list[int],
+                on_step: Callable[[list[list[int]]], bool] | None = None) -> list[list[Completion]]:
         import torch
         from transformers import DynamicCache
 
@@ -217,6 +255,10 @@ class TransformersGenerator:
                         finish[s] = "stop" if is_stop[row] else "length"
                     else:
                         keep.append(row)
+                if on_step is not None and on_step(tokens):  # the caller ends every stream (a stop string)
+                    for s in active:
+                        finish[s] = finish[s] or "stop"
+                    break
                 if not keep:
                     break
                 if len(keep) < len(active):  # finished streams leave the batch, so each step gets cheaper
@@ -265,6 +307,14 @@ class TransformersGenerator:
             if not len(rows):
                 break
         return picked
+
+
+def _settled(text: str, stop: Sequence[str]) -> int:
+    """How much of ``text`` can no longer change as tokens come: not a trailing incomplete character (decoded as
+    U+FFFD), not a suffix that could begin a stop string."""
+    end = len(text.rstrip("\ufffd"))
+    hold = max((k for s in stop for k in range(1, min(len(s), end + 1)) if text[:end].endswith(s[:k])), default=0)
+    return end - hold
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -328,12 +328,21 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, bytes, Any]]:
         yield i, raw, rec
 
 
+_ARROW: dict[str, pa.Schema] = {}
+
+
+def arrow_schema(spark: SparkSession, name: str) -> pa.Schema:
+    """Table ``name``'s schema in Arrow (parsed by Spark once per process)."""
+    if name not in _ARROW:
+        from pyspark.sql.pandas.types import to_arrow_schema
+
+        _ARROW[name] = to_arrow_schema(spark.createDataFrame([], SCHEMAS[name]).schema, timestamp_utc=True)
+    return _ARROW[name]
+
+
 def _frame(spark: SparkSession, name: str, rows: list[dict[str, Any]]) -> DataFrame:
     """Rows as a DataFrame with table ``name``'s schema, sent as one Arrow table (half the time of pandas)."""
-    from pyspark.sql.pandas.types import to_arrow_schema
-
-    schema = to_arrow_schema(spark.createDataFrame([], SCHEMAS[name]).schema, timestamp_utc=True)
-    return spark.createDataFrame(pa.Table.from_pylist(rows, schema=schema))
+    return spark.createDataFrame(pa.Table.from_pylist(rows, schema=arrow_schema(spark, name)))
 
 
 def ingest(

@@ -3,20 +3,23 @@
     TAO_API_KEYS=secret tao serve serve.port=8000 serve.challenger_share=0.1
     tao ab report
 
-``POST /v1/chat/completions`` (plain or ``stream: true``), ``GET /v1/models``, ``GET /health`` and
-``POST /v1/feedback``. Every answered request is appended to a local spool file (JSONL, fsync'd before the
-answer leaves) that a background thread MERGEs into ``prompts`` (source ``serving``), ``serving_log`` and
-``feedback``; the spool is replayed at start, so a killed server loses no acknowledged request, and a
-flush that runs twice writes nothing twice (MERGE by key).
+``POST /v1/chat/completions`` (plain or ``stream: true``, token by token), ``GET /v1/models``, ``GET /health`` and
+``POST /v1/feedback``. Every answered request is appended to the server's own spool file under
+``<home>/spool/`` (JSONL, fsync'd before the answer leaves); a background thread MERGEs the spool into ``prompts``
+(source ``serving``), ``serving_log`` and ``feedback``, under a lock shared by every server on the home. The spool
+is replayed at start and a dead server's file is claimed by a live one, so a killed server loses no acknowledged
+request; a flush that runs twice writes nothing twice (MERGE by key); a record that cannot be written goes to
+``quarantine`` with its reason, and ``/health`` (with a key) shows the backlog.
 
 A request without ``temperature`` is answered greedily (``serve.temperature``, 0): a deployed model should
-give one user the same answer twice, unlike OpenAI's default of 1. Streaming sends the finished answer in
-chunks: the engine decodes a whole batch at once, so the stream is not token by token.
+give one user the same answer twice, unlike OpenAI's default of 1. ``stop`` is honoured; ``response_format``
+other than text, ``tools`` and ``logprobs`` are refused with 400; a ``model`` other than the served names is 404.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -95,20 +98,39 @@ def wilson(positives: int, n: int, z: float = 1.96) -> tuple[float, float]:
 # --- the spool: acknowledged writes survive a crash until Delta has them ------------------------------------------
 
 class Spool:
-    """An append-only JSONL file of ``{"table", "row"}`` records under ``<home>/spool/``.
+    """Append-only JSONL files of ``{"table", "row"}`` records under ``<home>/spool/``, one live file per server.
 
-    ``append`` returns after fsync, so an acknowledged record is on disk. ``flush`` renames the live file aside
-    (``*.flushing``), MERGEs every set-aside file into Delta and deletes them only after the commit; a crash
-    between the two leaves the file to be replayed, and the MERGE by key makes the replay write nothing twice.
+    ``append`` returns after fsync, so an acknowledged record is on disk. Each server appends to its own
+    ``live-<pid>-<nonce>.jsonl`` and holds an exclusive ``flock`` on it while it lives, so several servers can share
+    one home. ``flush`` runs under the folder's flush lock (one flusher at a time across processes): it renames its
+    own live file aside (``*.flushing``), claims the live files of servers that died (their lock is free), hands
+    every set-aside record to ``write`` and deletes the files only after that commit; a crash between the two
+    leaves the files to be replayed, and the MERGE by key makes the replay write nothing twice.
     """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
-        self.live = folder / "serve.jsonl"
         self._lock = threading.Lock()  # appends and the rename that rotates the live file
-        self._flush_lock = threading.Lock()  # one flush at a time
-        self._file = open(self.live, "ab")
+        self._flush_lock = threading.Lock()  # one flush at a time in this process (flock is per open file)
+        # Created under the flush lock: a flusher elsewhere never sees this file before its owner has locked it.
+        with self._folder_lock():
+            self.live, self._file = self._open_live()
+
+    @contextlib.contextmanager
+    def _folder_lock(self) -> Iterator[None]:
+        with open(self.folder / ".flush.lock", "ab") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _open_live(self) -> tuple[Path, Any]:
+        path = self.folder / f"live-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+        f = open(path, "ab")
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return path, f
 
     def append(self, records: list[dict[str, Any]]) -> None:
         data = b"".join(json.dumps(r, ensure_ascii=False, default=str).encode() + b"\n" for r in records)
@@ -118,20 +140,55 @@ class Spool:
             os.fsync(self._file.fileno())
 
     def _rotate(self) -> None:
+        """Set this server's live file aside (caller holds the folder lock)."""
         with self._lock:
             if self._file.tell() == 0:
                 return
-            self._file.close()
-            os.rename(self.live, self.folder / f"serve-{time.time_ns()}.flushing")
-            self._file = open(self.live, "ab")
+            old_path, old = self.live, self._file
+            os.rename(old_path, self.folder / f"{old_path.stem}-{time.time_ns()}.flushing")
+            self.live, self._file = self._open_live()
+            old.close()
+
+    def _claim_orphans(self) -> None:
+        """Set aside the live files of servers that are gone (caller holds the folder lock); ``serve.jsonl`` is the
+        single live file of earlier versions."""
+        for path in [*self.folder.glob("live-*.jsonl"), *self.folder.glob("serve.jsonl")]:
+            if path == self.live:
+                continue
+            try:
+                f = open(path, "rb")
+            except FileNotFoundError:
+                continue
+            with f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live server's file
+                if os.fstat(f.fileno()).st_size == 0:
+                    path.unlink()
+                else:
+                    os.rename(path, self.folder / f"{path.stem}-{time.time_ns()}.flushing")
 
     def pending(self) -> list[Path]:
         return sorted(self.folder.glob("*.flushing"))
 
+    def backlog(self) -> int:
+        """Records acknowledged and not yet committed: set-aside files and every live file of this home."""
+        count = 0
+        for path in [*self.pending(), *self.folder.glob("live-*.jsonl"), *self.folder.glob("serve.jsonl")]:
+            with contextlib.suppress(FileNotFoundError):
+                count += path.read_bytes().count(b"\n")
+        return count
+
     def flush(self, write: Any) -> int:
-        """Hand every spooled record to ``write(records)`` (which commits them); return how many went."""
-        with self._flush_lock:
+        """Hand every spooled record to ``write(records)`` (which commits them); return how many went.
+
+        ``write`` gets ``SpoolRecord`` items: the parsed record, or for a line that is not one (a corrupt file) the
+        reason, so it can quarantine it. A last line cut by a crash mid-write was never acknowledged: it is dropped.
+        """
+        with self._flush_lock, self._folder_lock():
             self._rotate()
+            self._claim_orphans()
             files = self.pending()
             records = [r for f in files for r in _read_records(f)]
             if records:
@@ -143,28 +200,76 @@ class Spool:
     def close(self) -> None:
         with self._lock:
             self._file.close()
+            if self.live.exists() and self.live.stat().st_size == 0:
+                self.live.unlink()
 
 
-def _read_records(path: Path) -> Iterator[dict[str, Any]]:
-    for line in path.read_bytes().split(b"\n"):
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a crash mid-write: never acknowledged, so never promised
+@dataclass(frozen=True)
+class SpoolRecord:
+    """One spooled line: its source (file and line number), its raw bytes, and its record or why it is none."""
+
+    source: str
+    line: int
+    raw: bytes
+    record: dict[str, Any] | None
+    reason: str | None = None
+
+
+def _read_records(path: Path) -> Iterator[SpoolRecord]:
+    lines = path.read_bytes().split(b"\n")
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
             continue
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if i == len(lines):  # no newline after it: cut by a crash mid-write, never acknowledged
+                continue
+            yield SpoolRecord(path.name, i, line, None, "unparsable spool record")
+            continue
+        if not (isinstance(rec, dict) and isinstance(rec.get("table"), str) and isinstance(rec.get("row"), dict)):
+            yield SpoolRecord(path.name, i, line, None, "spool record without a table and a row")
+            continue
+        yield SpoolRecord(path.name, i, line, rec)
 
 
-def write_records(tables: Tables, cfg: Config, records: list[dict[str, Any]]) -> dict[str, int]:
-    """MERGE spooled records into their tables; the last record of a key wins within one batch."""
-    from tao_spark.ingest import _frame
+def write_records(tables: Tables, cfg: Config, records: list[SpoolRecord]) -> dict[str, int]:
+    """MERGE spooled records into their tables; the last record of a key wins within one batch.
+
+    A record that cannot be written (an unknown table, a missing key, a value of the wrong type, a corrupt line)
+    goes to ``quarantine`` with its reason instead, so one bad record never holds back the others.
+    """
+    import pyarrow as pa
+
+    from tao_spark.ingest import _escape, _frame, arrow_schema
     from tao_spark.tables import KEYS
 
+    now = datetime.now(UTC)
     by_table: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = {}
-    for r in records:
-        row = dict(r["row"])
-        for k in ("created_at", "received_at", "ingested_at"):
-            if isinstance(row.get(k), str):
-                row[k] = datetime.fromisoformat(row[k])
-        by_table.setdefault(r["table"], {})[tuple(row[k] for k in KEYS[r["table"]])] = row
+    for item in records:
+        reason, rec = item.reason, item.record
+        if rec is not None and reason is None:
+            name, row = rec["table"], dict(rec["row"])
+            try:
+                if name not in KEYS:
+                    raise ValueError(f"unknown table {name!r}")
+                for k in ("created_at", "received_at", "ingested_at"):
+                    if isinstance(row.get(k), str):
+                        row[k] = datetime.fromisoformat(row[k])
+                key = tuple(row.get(k) for k in KEYS[name])
+                if any(v is None for v in key):
+                    raise ValueError(f"a key column of {name} is missing")
+                pa.Table.from_pylist([row], schema=arrow_schema(tables.spark, name))  # the types Delta will check
+            except (ValueError, TypeError, OverflowError, pa.ArrowException) as e:
+                reason = f"spool record not writable to {name}: {type(e).__name__}: {str(e)[:200]}"
+            else:
+                by_table.setdefault(name, {})[key] = row
+                continue
+        log.warning("serve: %s line %d quarantined: %s", item.source, item.line, reason)
+        bad = {"target": rec["table"] if rec and isinstance(rec.get("table"), str) else "spool",
+               "source_sha256": hashlib.sha256(item.raw).hexdigest(), "line": item.line, "batch_id": None,
+               "source_file": f"spool/{item.source}", "raw": _escape(item.raw), "reason": reason, "ingested_at": now}
+        by_table.setdefault("quarantine", {})[(bad["target"], bad["source_sha256"], bad["line"])] = bad
     written = {}
     # prompts first: a serving_log row then never names a prompt the log does not have.
     for name in sorted(by_table, key=lambda n: n != "prompts"):
@@ -284,6 +389,15 @@ def parse_chat_request(body: Any, scfg: ServeConfig) -> dict[str, Any]:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise BadRequest(400, f"messages[{i}].content must be a string", code="invalid_messages")
+        if "\x00" in content:
+            raise BadRequest(400, f"messages[{i}].content contains a NUL character", code="invalid_messages")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(400, f"messages[{i}].content is not valid Unicode (a lone surrogate)",
+                             code="invalid_messages") from None
+        if m["role"] == "user" and not content.strip():
+            raise BadRequest(400, f"messages[{i}].content is empty", code="invalid_messages")
         chat.append({"role": m["role"], "content": content})
     if chat[-1]["role"] != "user":
         raise BadRequest(400, "the last message must be from the user", code="invalid_messages")
@@ -310,11 +424,32 @@ def parse_chat_request(body: Any, scfg: ServeConfig) -> dict[str, Any]:
     if not isinstance(stream, bool):
         raise BadRequest(400, "stream must be true or false", code="invalid_stream")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise BadRequest(400, "seed must be an integer", code="invalid_seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63):
+        raise BadRequest(400, "seed must be a 64-bit integer", code="invalid_seed")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(x, str) and x for x in stop)):
+        raise BadRequest(400, "stop must be a non-empty string or an array of up to 4 of them", code="invalid_stop")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise BadRequest(400, "response_format: only {\"type\": \"text\"} is supported (no JSON mode)",
+                         code="unsupported_response_format")
+    if body.get("tools") or body.get("functions"):
+        raise BadRequest(400, "tools and functions are not supported by this endpoint", code="unsupported_tools")
+    if body.get("best_of") not in (None, 1) or body.get("logprobs") not in (None, False):
+        raise BadRequest(400, "logprobs and best_of are not supported", code="unsupported_parameter")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict)
+                                    and isinstance(options.get("include_usage", False), bool)):
+        raise BadRequest(400, "stream_options must be an object with a boolean include_usage", code="invalid_stream")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest(400, "model must be a string", code="invalid_model")
     return {"chat": chat, "temperature": temperature, "top_p": top_p, "stream": stream,
-            "max_tokens": min(asked or scfg.max_tokens_cap, scfg.max_tokens_cap),
-            "seed": random.getrandbits(31) if seed is None else seed}
+            "max_tokens": min(asked or scfg.max_tokens_cap, scfg.max_tokens_cap), "stop": stop, "model": model,
+            "include_usage": bool(stream and options and options.get("include_usage")),
+            # torch seeds take 64 bits: a negative seed keeps its bits
+            "seed": random.getrandbits(31) if seed is None else seed % 2**64}
 
 
 def api_keys(scfg: ServeConfig) -> list[str]:
@@ -337,24 +472,42 @@ class Service:
         self.spool = Spool(Path(cfg.home) / "spool") if self.capture else None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.flush_errors = 0
+        self.flush_errors = 0  # failed flushes since the last one that committed
+        self.last_flush_error: str | None = None
         if self.spool is not None:  # replay whatever a previous server acknowledged but did not commit
-            self.flush()
+            self._try("flush", self.flush)
         self.models = models or Models(cfg)
 
     def flush(self) -> int:
         if self.spool is None or self.tables is None:
             return 0
         tables = self.tables
-        return self.spool.flush(lambda records: write_records(tables, self.cfg, records))
+        n = self.spool.flush(lambda records: write_records(tables, self.cfg, records))
+        self.flush_errors, self.last_flush_error = 0, None
+        return n
+
+    def _try(self, what: str, fn: Any) -> None:
+        try:
+            fn()
+        except Exception as e:  # keep serving; the spool keeps the records for the next try
+            if what == "flush":
+                self.flush_errors += 1
+                self.last_flush_error = f"{type(e).__name__}: {str(e)[:300]}"
+            log.warning("serve: %s failed: %s: %s", what, type(e).__name__, str(e)[:300])
 
     def _every(self, seconds: float, fn: Any, what: str) -> None:
         while not self._stop.wait(seconds):
-            try:
-                fn()
-            except Exception as e:  # keep serving; the spool keeps the records for the next try
-                self.flush_errors += what == "flush"
-                log.warning("serve: %s failed: %s: %s", what, type(e).__name__, str(e)[:300])
+            self._try(what, fn)
+
+    def health(self, detailed: bool) -> dict[str, Any]:
+        """``ok``, or ``degraded`` while flushes fail; with ``detailed`` (a valid key) the arms and the backlog."""
+        out: dict[str, Any] = {"status": "degraded" if self.flush_errors else "ok"}
+        if detailed:
+            out["arms"] = {a: e.version for a, e in self.models.engines.items()}
+            if self.spool is not None:
+                out["capture"] = {"backlog": self.spool.backlog(), "failed_flushes": self.flush_errors,
+                                  "last_error": self.last_flush_error}
+        return out
 
     def start(self) -> None:
         jobs: list[tuple[float, Any, str]] = []
@@ -372,32 +525,56 @@ class Service:
         for t in self._threads:
             t.join(timeout=60)
         if self.spool is not None:
-            self.flush()
+            self._try("flush", self.flush)  # what does not commit now stays in the spool for the next start
             self.spool.close()
 
     def authorized(self, header: str | None) -> str | None:
         """The API key of a valid ``Authorization: Bearer`` header, "" when auth is off, None when refused."""
         if not self.cfg.serve.auth:
             return ""
-        if not header or not header.startswith("Bearer "):
+        scheme, _, token = (header or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():  # the scheme is case-insensitive (RFC 9110)
             return None
-        given = header[len("Bearer "):].strip().encode()
+        given = token.strip().encode()
         found = [k for k in self.keys if hmac.compare_digest(given, k.encode())]
         return found[0] if found else None
 
-    def answer(self, req: dict[str, Any], user_key: str) -> dict[str, Any]:
-        """Generate one answer (blocking) and spool its capture; return what the response needs."""
+    def names(self) -> dict[str, str]:
+        """The model names clients may send, each with its arm: the registered name (``tao-policy``, the champion),
+        ``<name>@challenger`` while a challenger is served, and the full ``models:/`` URIs of both."""
+        spec = self.cfg.serve.model
+        base = spec.removeprefix("models:/").rsplit("@", 1)[0] if spec.startswith("models:/") else spec
+        out = {base: "champion", spec: "champion"}
+        if "challenger" in self.models.engines:
+            out.update({f"{base}@challenger": "challenger", f"models:/{base}@challenger": "challenger"})
+        return out
+
+    def arm_for(self, model: str | None, user_key: str) -> str:
+        """The arm a request names, or the user's A/B arm when it names none; an unknown name is a 404."""
+        if model is None:
+            return assign_arm(user_key, self.cfg.serve.challenger_share)
+        names = self.names()
+        if model not in names:
+            raise BadRequest(404, f"The model {model!r} does not exist; served: {', '.join(sorted(names))}",
+                             code="model_not_found")
+        # The champion's name follows the A/B split (clients name the deployment, not an arm); the challenger's
+        # name asks for it explicitly.
+        return "challenger" if names[model] == "challenger" else assign_arm(user_key, self.cfg.serve.challenger_share)
+
+    def answer(self, req: dict[str, Any], user_key: str, emit: Any = None, request_id: str | None = None
+               ) -> dict[str, Any]:
+        """Generate one answer (blocking) and spool its capture; return what the response needs. ``emit`` gets the
+        answer's text piece by piece as it is decoded (streaming)."""
         from tao_spark.engines import chat_prompt_ids
 
         t0 = time.perf_counter()
-        arm = assign_arm(user_key, self.cfg.serve.challenger_share)
-        engine = self.models.pick(arm)
+        engine = self.models.pick(self.arm_for(req.get("model"), user_key))
         gen: Any = engine.generator
-        out = gen.generate([req["chat"]], n=1, temperature=req["temperature"], top_p=req["top_p"],
-                           max_new_tokens=req["max_tokens"], seeds=[req["seed"]])[0][0]
+        out = gen.complete(req["chat"], temperature=req["temperature"], top_p=req["top_p"],
+                           max_new_tokens=req["max_tokens"], seed=req["seed"], stop=req.get("stop", ()), emit=emit)
         with getattr(gen, "_tok_lock", contextlib.nullcontext()):
             prompt_tokens = len(chat_prompt_ids(gen.tokenizer, req["chat"])) if hasattr(gen, "tokenizer") else 0
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = request_id or f"chatcmpl-{uuid.uuid4().hex}"
         latency_ms = (time.perf_counter() - t0) * 1000
         if self.spool is not None:
             self.spool.append(self._capture(req["chat"], out.text, request_id, engine, prompt_tokens, out.tokens,
@@ -419,8 +596,16 @@ class Service:
             pid = row["prompt_id"]
             records.append({"table": "prompts", "row": {**row, "source_file": None, "ingested_at": now,
                                                         "batch_id": request_id}})
-        except Reject as r:  # answered, but not a prompt the log can keep (too long, empty...): log the answer only
-            log.info("serve: %s: prompt not captured: %s", request_id, str(r).split(":")[0])
+        except Reject as r:  # answered, but not a prompt the log can keep (too long...): quarantined with the reason
+            from tao_spark.ingest import _escape
+
+            log.info("serve: %s: prompt quarantined: %s", request_id, str(r).split(":")[0])
+            raw = json.dumps([{"role": m["role"], "content": self.redact(m["content"])} for m in chat],
+                             ensure_ascii=False).encode("utf-8", errors="backslashreplace")
+            records.append({"table": "quarantine", "row": {
+                "target": "prompts", "source_sha256": hashlib.sha256(request_id.encode()).hexdigest(), "line": 0,
+                "batch_id": request_id, "source_file": "serving", "raw": _escape(raw), "reason": str(r),
+                "ingested_at": now}})
         records.append({"table": "serving_log", "row": {
             "request_id": request_id, "arm": engine.arm, "model_version": engine.version, "prompt_id": pid,
             "response": self.redact(text), "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -495,47 +680,36 @@ def create_app(service: Service) -> FastAPI:
         return _error(500, "internal error", "server_error")
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "arms": {a: e.version for a, e in service.models.engines.items()}}
+    async def health(request: Request) -> dict[str, Any]:
+        # Unauthenticated probes (load balancers) learn only up or degraded; a key also shows arms and backlog.
+        return service.health(service.authorized(request.headers.get("authorization")) is not None)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
         who(request)
+        versions = {a: e.version for a, e in service.models.engines.items()}
         return {"object": "list", "data": [
-            {"id": service.cfg.serve.model if e.arm == "champion" else f"{e.arm}:{e.version}", "object": "model",
-             "created": 0, "owned_by": "tao", "version": e.version} for e in service.models.engines.values()]}
+            {"id": name, "object": "model", "created": 0, "owned_by": "tao", "arm": arm, "version": versions[arm]}
+            for name, arm in service.names().items() if not name.startswith("models:/") or name == scfg.model]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         user = who(request)
         req = parse_chat_request(await read_json(request), scfg)
-        out = await run_in_threadpool(service.answer, req, user)
+        service.arm_for(req["model"], user)  # an unknown model is a 404 before anything is generated
         created = int(time.time())
-        headers = {"x-request-id": out["id"], "x-tao-arm": out["arm"], "x-tao-model-version": out["version"]}
-        model = f"{service.cfg.serve.model}#{out['version']}"
-        usage = {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-                 "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
         if not req["stream"]:
+            out = await run_in_threadpool(service.answer, req, user)
+            headers = {"x-request-id": out["id"], "x-tao-arm": out["arm"], "x-tao-model-version": out["version"]}
             return JSONResponse({
-                "id": out["id"], "object": "chat.completion", "created": created, "model": model,
+                "id": out["id"], "object": "chat.completion", "created": created,
+                "model": f"{scfg.model}#{out['version']}",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
                              "finish_reason": out["finish_reason"], "logprobs": None}],
-                "usage": usage}, headers=headers)
-
-        def chunk(delta: dict[str, str], finish: str | None) -> str:
-            body = {"id": out["id"], "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-        async def events() -> AsyncIterator[str]:
-            yield chunk({"role": "assistant", "content": ""}, None)
-            for piece in re.findall(r"\S*\s*", out["text"]):
-                if piece:
-                    yield chunk({"content": piece}, None)
-            yield chunk({}, out["finish_reason"])
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+                "usage": _usage(out)}, headers=headers)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        return StreamingResponse(_stream(service, req, user, created, request_id), media_type="text/event-stream",
+                                 headers={"x-request-id": request_id})
 
     @app.post("/v1/feedback")
     async def feedback(request: Request) -> Any:
@@ -544,6 +718,55 @@ def create_app(service: Service) -> FastAPI:
         return await run_in_threadpool(service.feedback, body, user)
 
     return app
+
+
+def _usage(out: dict[str, Any]) -> dict[str, int]:
+    return {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+            "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
+
+
+async def _stream(service: Service, req: dict[str, Any], user: str, created: int, request_id: str
+                  ) -> AsyncIterator[str]:
+    """Server-sent chunks as the engine decodes: generation runs in a worker thread that hands each settled piece
+    of text to this loop; the id is the one capture records, sent with the first chunk."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    model = service.cfg.serve.model
+
+    def work() -> None:
+        try:
+            out = service.answer(req, user, emit=lambda piece: loop.call_soon_threadsafe(
+                queue.put_nowait, ("piece", piece)), request_id=request_id)
+            loop.call_soon_threadsafe(queue.put_nowait, ("done", out))
+        except Exception as e:  # the stream has started (200 sent): the error goes as its last event
+            log.error("serve: streaming %s failed: %s", request_id, type(e).__name__)
+            loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+
+    def chunk(delta: dict[str, str], finish: str | None, **extra: Any) -> str:
+        body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    threading.Thread(target=work, name=f"tao-stream-{request_id[-8:]}", daemon=True).start()
+    yield chunk({"role": "assistant", "content": ""}, None)
+    while True:
+        kind, value = await queue.get()
+        if kind == "piece":
+            yield chunk({"content": value}, None)
+        elif kind == "done":
+            yield chunk({}, value["finish_reason"])
+            if req["include_usage"]:  # stream_options.include_usage: one more chunk, no choices, the usage
+                body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": [], "usage": _usage(value)}
+                yield f"data: {json.dumps(body)}\n\n"
+            break
+        else:
+            err = {"error": {"message": "internal error", "type": "server_error", "param": None, "code": None}}
+            yield f"data: {json.dumps(err)}\n\n"
+            break
+    yield "data: [DONE]\n\n"
 
 
 def _check_port(host: str, port: int) -> None:

@@ -87,14 +87,46 @@ def test_spool_replays_until_a_write_succeeds(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         spool.flush(fail)
     spool.append([{"table": "t", "row": {"i": 3}}])
-    spool.close()
+    spool._file.close()  # the server dies: its lock goes with it, its live file stays
     with open(spool.pending()[0], "ab") as f:
         f.write(b'{"table": "t", "ro')  # a line cut by a crash mid-write
     got: list[Any] = []
     again = Spool(tmp_path)  # a restarted server
     assert again.flush(got.extend) == 3
-    assert [r["row"]["i"] for r in got] == [1, 2, 3]
+    assert [r.record["row"]["i"] for r in got] == [1, 2, 3]
     assert again.pending() == [] and again.flush(got.extend) == 0
+
+
+def test_two_servers_share_one_spool_folder_and_lose_nothing(tmp_path: Path) -> None:
+    """Two live spools (two servers on one home) appending and flushing concurrently: every record committed
+    exactly once, and the live file of a server that died is claimed by the other."""
+    spools = [Spool(tmp_path), Spool(tmp_path)]
+    got: list[str] = []
+    lock = threading.Lock()
+
+    def write(records: list[Any]) -> None:
+        with lock:
+            got.extend(r.record["row"]["i"] for r in records)
+
+    def server(k: int) -> None:
+        for i in range(300):
+            spools[k].append([{"table": "t", "row": {"i": f"{k}-{i}"}}])
+            if i % 37 == k:
+                spools[k].flush(write)
+
+    threads = [threading.Thread(target=server, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    dead = Spool(tmp_path)
+    dead.append([{"table": "t", "row": {"i": "dead-0"}}])
+    dead._file.close()  # killed: never flushed, never closed cleanly
+    assert spools[0].backlog() > 0
+    spools[0].flush(write)
+    spools[1].flush(write)
+    assert sorted(got) == sorted([f"{k}-{i}" for k in (0, 1) for i in range(300)] + ["dead-0"])
+    assert spools[0].backlog() == 0 and not spools[0].pending()
 
 
 # --- integration: a real server on a loopback port ----------------------------------------------------------------
@@ -125,7 +157,7 @@ def _post(port: int, path: str, body: bytes, key: str | None = KEY, user: str | 
 
 
 def _chat(port: int, text: str, user: str | None = None) -> tuple[int, Any]:
-    body = {"model": "tao", "messages": [{"role": "user", "content": text}], "max_tokens": 6}
+    body = {"model": "tao-policy", "messages": [{"role": "user", "content": text}], "max_tokens": 6}
     return _post(port, "/v1/chat/completions", json.dumps(body).encode(), user=user)
 
 
@@ -147,7 +179,7 @@ def live(spark: Any, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory)
     home, port = tmp_path_factory.mktemp("serve-home"), _free_port()
     cfg = load_config(None, _overrides(home, tiny_model, port, f"serve.api_keys=['{KEY}']",
                                        "serve.challenger_share=0.5", "serve.redact_patterns=['SECRET-\\d+']",
-                                       "serve.max_request_bytes=4096"))
+                                       "serve.max_request_bytes=4096", "ingest.max_prompt_chars=300"))
     service = Service(cfg, Tables(spark, cfg.lakehouse))
     server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -168,12 +200,13 @@ def test_openai_client_works_unchanged(live: tuple[int, Any]) -> None:
     port, _ = live
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
     assert client.models.list().data[0].id
-    r = client.chat.completions.create(model="tao", messages=[{"role": "user", "content": "Say hi"}], max_tokens=5)
+    hi = [{"role": "user", "content": "Say hi"}]
+    r = client.chat.completions.create(model="tao-policy", messages=hi, max_tokens=5)
     assert r.id.startswith("chatcmpl-") and r.choices[0].finish_reason in ("stop", "length")
     assert isinstance(r.choices[0].message.content, str) and r.usage and 1 <= r.usage.completion_tokens <= 5
-    again = client.chat.completions.create(model="tao", messages=[{"role": "user", "content": "Say hi"}], max_tokens=5)
+    again = client.chat.completions.create(model="tao-policy", messages=hi, max_tokens=5)
     assert again.choices[0].message.content == r.choices[0].message.content  # temperature absent: greedy
-    chunks = list(client.chat.completions.create(model="tao", messages=[{"role": "user", "content": "Say hi"}],
+    chunks = list(client.chat.completions.create(model="tao-policy", messages=hi,
                                                  max_tokens=5, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
@@ -238,6 +271,133 @@ def test_capture_redacts_and_feedback_becomes_a_preference_pair(live: tuple[int,
     report = ab_report(service.tables)
     assert sum(m["requests"] for m in report["arms"].values()) == len(logged)
     assert report["verdict"].startswith("not enough data")
+
+
+@pytest.mark.integration
+def test_streaming_sends_tokens_as_they_are_decoded_and_stop_is_honoured(live: tuple[int, Any]) -> None:
+    from openai import OpenAI
+
+    port, _ = live
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+    messages = [{"role": "user", "content": "Tell me a long story about a cat"}]
+    full = client.chat.completions.create(model="tao-policy", messages=messages, max_tokens=12)
+    text = full.choices[0].message.content or ""
+    t0 = time.perf_counter()
+    arrivals: list[tuple[float, str]] = []
+    stream = client.chat.completions.create(model="tao-policy", messages=messages, max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True})
+    last = None
+    for c in stream:
+        last = c
+        if c.choices and c.choices[0].delta.content:
+            arrivals.append((time.perf_counter() - t0, c.choices[0].delta.content))
+    end = time.perf_counter() - t0
+    assert "".join(p for _, p in arrivals) == text and last is not None and last.usage is not None
+    # Token by token: several pieces, the first long before the answer is complete (it used to come with the rest).
+    assert len(arrivals) >= 3 and arrivals[0][0] < 0.7 * end, arrivals
+    # stop: the answer ends before the stop string, finish_reason "stop"
+    assert len(text) >= 4, text
+    mark = text[len(text) // 2:len(text) // 2 + 2]
+    cut = client.chat.completions.create(model="tao-policy", messages=messages, max_tokens=12, stop=["@@", mark])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == text[:text.find(mark)]
+
+
+@pytest.mark.integration
+def test_models_auth_scheme_and_health(live: tuple[int, Any]) -> None:
+    port, service = live
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    status, err = _post(port, "/v1/chat/completions", json.dumps({**body, "model": "../../etc/passwd"}).encode())
+    assert status == 404 and err["error"]["code"] == "model_not_found" and "tao-policy" in err["error"]["message"]
+    status, models = _post(port, "/v1/chat/completions", json.dumps({**body, "model": "tao-policy"}).encode())
+    assert status == 200
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=10) as r:  # the scheme is case-insensitive
+        ids = [m["id"] for m in json.loads(r.read())["data"]]
+    assert "tao-policy" in ids
+    for name in ids:
+        status, _ = _post(port, "/v1/chat/completions", json.dumps({**body, "model": name}).encode())
+        assert status == 200, name
+    for extra in ({"response_format": {"type": "json_object"}}, {"tools": [{"type": "function"}]}):
+        status, err = _post(port, "/v1/chat/completions", json.dumps({**body, **extra}).encode())
+        assert status == 400 and "supported" in err["error"]["message"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+        assert json.loads(r.read()) == {"status": "ok"}  # no key: up or not, nothing about the models
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/health", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        health = json.loads(r.read())
+    assert set(health["arms"]) >= {"champion"} and health["capture"]["failed_flushes"] == 0
+
+
+@pytest.mark.integration
+def test_content_that_cannot_be_a_prompt_is_refused_or_quarantined(live: tuple[int, Any]) -> None:
+    port, service = live
+    for content in ("", "   ", "\x00", "a \ud800"):
+        raw = json.dumps({"messages": [{"role": "user", "content": content}]}).encode()  # \ud800 stays escaped
+        status, err = _post(port, "/v1/chat/completions", raw)
+        assert status == 400 and err["error"]["code"] == "invalid_messages", (content, err)
+    status, err = _post(port, "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], '
+                                                     b'"seed": 18446744073709551616}')
+    assert status == 400 and err["error"]["code"] == "invalid_seed"
+    # Answerable but not a prompt the log keeps (over ingest.max_prompt_chars): answered, and quarantined with why.
+    long = "word " * (service.cfg.ingest.max_prompt_chars // 5 + 10)
+    status, answer = _chat(port, long)
+    assert status == 200
+    service.flush()
+    home = Path(service.cfg.home)
+    logged = {r["request_id"]: r for r in _delta_rows(home, "serving_log")}
+    assert logged[answer["id"]]["prompt_id"] is None
+    held = [q for q in _delta_rows(home, "quarantine") if q["batch_id"] == answer["id"]]
+    assert len(held) == 1 and held[0]["reason"].startswith("text too long") and held[0]["target"] == "prompts"
+
+
+@pytest.mark.integration
+def test_a_spool_record_that_cannot_be_written_is_quarantined_and_capture_goes_on(live: tuple[int, Any]) -> None:
+    port, service = live
+    service.flush()
+    service.spool.append([{"table": "serving_log", "row": {"request_id": "chatcmpl-" + "0" * 32, "arm": "champion",
+                                                           "latency_ms": "not a number"}}])
+    with open(service.spool.live, "ab") as f:
+        f.write(b'{"table": "serving_log", "row": {\n')  # a corrupt line that is not the last one
+    status, answer = _chat(port, "asked after a bad record")
+    assert status == 200
+    service.flush()
+    assert service.flush_errors == 0
+    home = Path(service.cfg.home)
+    assert answer["id"] in {r["request_id"] for r in _delta_rows(home, "serving_log")}
+    reasons = [q["reason"] for q in _delta_rows(home, "quarantine") if q["source_file"].startswith("spool/")]
+    assert any("not writable to serving_log" in r for r in reasons) and "unparsable spool record" in reasons
+    assert service.spool.backlog() == 0
+
+
+@pytest.mark.integration
+def test_fuzzed_requests_get_4xx_never_500(live: tuple[int, Any]) -> None:
+    """Seeded and bounded: malformed bodies, lone surrogates, huge integers, wrong types and sizes."""
+    import random
+
+    port, _ = live
+    rng = random.Random(20261206)
+    values: list[Any] = [None, True, -1, 0, 2**64, -(2**70), 1e308, "x", "", "\ud800", [], {}, [1, "a"], {"a": [{}]},
+                         "a" * 3000, [{"role": "user"}], [{"role": "user", "content": 5}]]
+    keys = ["messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "n", "stream", "seed",
+            "stop", "model", "response_format", "tools", "stream_options", "logprobs", "user"]
+    statuses = []
+    for i in range(160):
+        body: Any = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for _ in range(rng.randint(1, 3)):
+            body[rng.choice(keys)] = rng.choice(values)
+        raw = json.dumps(body).encode()
+        if i % 8 == 0:
+            raw = raw[: rng.randint(0, len(raw))]  # truncated
+        elif i % 8 == 1:
+            raw = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 64)))  # not JSON, not even UTF-8
+        elif i % 8 == 2:
+            raw = raw.replace(b'"hi"', b'"\\ud800 \\udfff"')  # escaped lone surrogates
+        status, _ = _post(port, "/v1/chat/completions", raw)
+        statuses.append(status)
+    assert all(s in (200, 400, 404, 413, 422) for s in statuses), sorted(set(statuses))
+    assert statuses.count(200) >= 1 and statuses.count(400) > 50  # both paths exercised
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+        assert json.loads(r.read())["status"] == "ok"
 
 
 # --- integration: load, SIGKILL, restart ------------------------------------------------------------------------
@@ -327,19 +487,22 @@ def test_every_acknowledged_request_logged_once_across_sigkill(tiny_model: Path,
 
 
 @pytest.mark.integration
-def test_latency_with_capture_on_and_off(tiny_model: Path, tmp_path: Path) -> None:
-    """Not a pass/fail gate: prints the spool's cost (fsync per request, a flush per second) at load."""
+def test_capture_on_stores_every_answer_and_off_stores_none(tiny_model: Path, tmp_path: Path) -> None:
+    """Also prints the spool's cost at load (fsync per request, a flush per second): a figure, not a gate."""
     lines = []
     for capture in ("true", "false"):
         home, port = tmp_path / capture, _free_port()
         proc = _start(home, tiny_model, port, f"serve.capture={capture}")
         try:
-            _load(port, clients=1, seconds=0.5, max_requests=5)  # warm-up
-            _, latencies, wall = _load(port, clients=4, seconds=4, max_requests=1000)
+            warm = _load(port, clients=1, seconds=0.5, max_requests=5)[0]
+            acked, latencies, wall = _load(port, clients=4, seconds=4, max_requests=1000)
+            acked += warm
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
-        assert latencies
+        # What could fail: every answered request stored once with capture on, none with it off.
+        logged = [r["request_id"] for r in _delta_rows(home, "serving_log")]
+        assert latencies and (sorted(logged) == sorted(set(acked)) if capture == "true" else not logged)
         lines.append(_stats(f"tiny model, 4 clients, capture {capture}", latencies, wall))
     print("\n" + "\n".join(lines))
 
@@ -391,7 +554,7 @@ def test_serve_starts_on_the_registered_champion_from_any_directory(tiny_model: 
         _wait_up(proc, f"http://127.0.0.1:{port}/health", tmp_path / "server.err")
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
         raw = client.chat.completions.with_raw_response.create(
-            model="tao", messages=[{"role": "user", "content": "Say hi"}], max_tokens=4)
+            model="tao-policy", messages=[{"role": "user", "content": "Say hi"}], max_tokens=4)
         assert raw.headers["x-tao-model-version"] == version and raw.headers["x-tao-arm"] == "champion"
         assert raw.parse().choices[0].message.content is not None
     finally:
