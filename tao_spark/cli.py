@@ -101,10 +101,7 @@ def _ingest_handler(name: str, fn_name: str) -> Handler:
             spark, tables = _context(cfg)
             r = ingest_table(spark, tables, a.table, cfg.ingest, since_version=a.since_version, task=a.task)
             return _print_ingest(r, a.json)
-        missing = [p for p in a.paths if not Path(p).is_file()]
-        if missing:
-            print(f"tao {name}: no such file: {', '.join(missing)}", file=sys.stderr)
-            return 2
+        ingest.check_paths(a.paths)  # before a Spark session starts: a wrong path fails in a second
         spark, tables = _context(cfg)
         r = getattr(ingest, fn_name)(spark, tables, a.paths, cfg.ingest, task=a.task, source=a.source)
         return _print_ingest(r, a.json)

@@ -17,6 +17,7 @@ import json
 import sys
 import unicodedata
 import uuid
+import zlib
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 
-from tao_spark.config import IngestConfig
+from tao_spark.config import IngestConfig, UserError
 from tao_spark.tables import SCHEMAS, Tables
 
 ROLES = ("system", "user", "assistant")
@@ -212,7 +213,7 @@ def iter_records(path: Path, cfg: IngestConfig) -> Iterator[tuple[int, bytes, An
     elif name.endswith(".parquet"):
         yield from _iter_parquet(path)
     else:
-        raise ValueError(f"{path}: unsupported file type (use .jsonl, .jsonl.gz, .csv or .parquet)")
+        raise UserError(f"{path}: unsupported file type (use .jsonl, .jsonl.gz, .csv or .parquet)")
 
 
 def _lines(path: Path, limit: int) -> Iterator[tuple[int, bytes, int]]:
@@ -288,7 +289,7 @@ def _iter_csv(path: Path) -> Iterator[tuple[int, bytes, Any]]:
     with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:  # type: ignore[operator]
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "prompt" not in reader.fieldnames:
-            raise ValueError(f"CSV needs a 'prompt' column (found: {reader.fieldnames})")
+            raise UserError(f"{path}: CSV needs a 'prompt' column (found: {reader.fieldnames})")
         for row in reader:
             # The reader's line counter sits on the row's last line; a header is line 1.
             raw = json.dumps(row, ensure_ascii=False).encode("utf-8", errors="surrogateescape")
@@ -311,7 +312,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
         if "prompt" not in names and "messages" not in names:
-            raise ValueError(f"Parquet needs a 'prompt' column (found: {names})")
+            raise UserError(f"{path}: Parquet needs a 'prompt' column (found: {names})")
         i = 0
         for batch in pf.iter_batches(batch_size=8192):
             for row in batch.to_pylist():
@@ -362,10 +363,43 @@ def ingest(
 Records = Iterator[tuple[int, bytes, Any]]  # (line, raw bytes, parsed record or Reject)
 
 
-def files(paths: list[str | Path], cfg: IngestConfig, records: Any) -> Iterator[tuple[str, str, Records]]:
-    """Each file as (name, sha256 of its bytes, its records streamed), one file at a time."""
+def check_paths(paths: list[str | Path]) -> None:
+    """Refuse, before anything is written, a path that is not a regular file of a kind ingest reads."""
     for p in map(Path, paths):
-        yield str(p), sha256_of(p), records(p, cfg)
+        if not p.exists():
+            raise UserError(f"no such file: {p}")
+        if p.is_dir():
+            raise UserError(f"{p} is a directory: pass the files in it (for example {p}/*.jsonl)")
+        if not p.is_file():
+            raise UserError(f"{p} is not a regular file (a pipe or a device): write it to a file first")
+        if not p.name.lower().removesuffix(".gz").endswith((".jsonl", ".json", ".ndjson", ".csv", ".parquet")):
+            raise UserError(f"{p}: unsupported file type (use .jsonl, .jsonl.gz, .csv or .parquet)")
+
+
+# What reading a file that is not what its name says raises: a corrupt gzip stream, bytes that are not Parquet, a
+# CSV whose header is not text.
+UNREADABLE = (OSError, EOFError, zlib.error, pa.ArrowException, csv.Error, UnicodeDecodeError, ValueError)
+
+
+def _guarded(name: str, records: Records) -> Records:
+    try:
+        yield from records
+    except UNREADABLE as e:
+        raise UserError(f"{name}: cannot be read as its extension says ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160] if str(e) else 'no detail'}); rows of it read before this "
+                        "point are committed, and re-running after fixing the file adds only the rest") from None
+
+
+def files(paths: list[str | Path], cfg: IngestConfig, records: Any) -> Iterator[tuple[str, str, Records]]:
+    """Each file as (name, sha256 of its bytes, its records streamed), one file at a time. A file that cannot be
+    read is a ``UserError`` naming it, never a traceback."""
+    check_paths(paths)
+    for p in map(Path, paths):
+        try:
+            sha = sha256_of(p)
+        except UNREADABLE as e:
+            raise UserError(f"{p}: cannot be read ({type(e).__name__}: {str(e)[:160]})") from None
+        yield str(p), sha, _guarded(str(p), records(p, cfg))
 
 
 def append(
@@ -488,7 +522,7 @@ def _iter_pair_records(path: Path, cfg: IngestConfig) -> Iterator[tuple[int, byt
             yield i, raw, {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()
                            if v is not None}
     else:
-        raise ValueError(f"{path}: unsupported file type for preferences (use .jsonl, .jsonl.gz or .parquet)")
+        raise UserError(f"{path}: unsupported file type for preferences (use .jsonl, .jsonl.gz or .parquet)")
 
 
 def ingest_preferences(

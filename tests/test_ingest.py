@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from pyspark.sql import SparkSession
 
-from tao_spark.config import IngestConfig
+from tao_spark.config import IngestConfig, UserError
 from tao_spark.ingest import IngestResult, ingest, prompt_id
 from tao_spark.tables import Tables
 
@@ -258,7 +258,7 @@ def test_csv(spark: SparkSession, tables: Tables, tmp_path: Path) -> None:
 def test_csv_without_prompt_column_is_refused(spark: SparkSession, tables: Tables, tmp_path: Path) -> None:
     path = tmp_path / "p.csv"
     path.write_text("text,task\nhello,a\n")
-    with pytest.raises(ValueError, match="prompt"):
+    with pytest.raises(UserError, match="prompt"):
         ingest(spark, tables, [path], IngestConfig())
 
 
@@ -289,7 +289,7 @@ def test_parquet(spark: SparkSession, tables: Tables, tmp_path: Path) -> None:
 def test_unsupported_file_type(spark: SparkSession, tables: Tables, tmp_path: Path) -> None:
     path = tmp_path / "p.txt"
     path.write_text("hello\n")
-    with pytest.raises(ValueError, match="unsupported file type"):
+    with pytest.raises(UserError, match="unsupported file type"):
         ingest(spark, tables, [path], IngestConfig())
 
 

@@ -63,3 +63,39 @@ def test_a_port_in_use_is_one_line_before_any_model_loads(tmp_path: Path) -> Non
     assert r.returncode == 2, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1].startswith(f"tao serve: port {port} on 127.0.0.1 is in use")
     assert "Traceback" not in r.stderr
+
+
+def test_ingest_of_files_that_are_not_what_they_say_is_one_line(tmp_path: Path) -> None:
+    """Binary files, a corrupt gzip stream, random bytes named .parquet, a directory, a FIFO: one line, exit 2, or
+    quarantine rows with a reason; never a traceback."""
+    import gzip
+    import random
+
+    rng = random.Random(7)
+    good = gzip.compress(b'{"prompt": "hello"}\n' * 2000)
+    cases = {
+        "random.parquet": bytes(rng.getrandbits(8) for _ in range(3000)),
+        "corrupt.jsonl.gz": good[: len(good) // 2],
+        "notgzip.jsonl.gz": b"plain text, not gzip\n",
+        "ls": Path(sys.executable).read_bytes()[:20000],
+        "header.csv": b"\xff\xfe\x00bad,header\n1,2\n",
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "adir").mkdir()
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    expected = {"random.parquet": "cannot be read", "corrupt.jsonl.gz": "cannot be read",
+                "notgzip.jsonl.gz": "cannot be read", "ls": "unsupported file type", "header.csv": "prompt",
+                "adir": "is a directory", "fifo.jsonl": "not a regular file", "missing.jsonl": "no such file"}
+    for name, words in expected.items():
+        r = _tao(tmp_path / "home", "ingest", str(tmp_path / name))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (name, r.stderr[-2000:])
+        assert words in r.stderr.strip().splitlines()[-1], (name, r.stderr[-500:])
+    # A binary file named .jsonl is read line by line: every line quarantined with its reason, nothing lost.
+    (tmp_path / "binary.jsonl").write_bytes(Path(sys.executable).read_bytes()[:20000])
+    r = _tao(tmp_path / "home", "ingest", str(tmp_path / "binary.jsonl"), "--json")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    import json
+
+    counts = json.loads(r.stdout.strip().splitlines()[-1])
+    assert counts["offered"] == counts["quarantined"] > 0 and counts["accepted"] == 0
