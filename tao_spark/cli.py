@@ -158,17 +158,31 @@ def _sql_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("query", help="Spark SQL; every tao table is registered by name")
     p.add_argument("--json", action="store_true", help="print a JSON array of row objects")
     p.add_argument("--limit", type=int, default=1000, help="rows printed at most (table output)")
+    p.add_argument("--write", action="store_true",
+                   help="also run statements that write (INSERT, DELETE, UPDATE, MERGE, DDL) or read files by path")
 
 
-@command("sql", "run Spark SQL over the tao tables", _sql_args)
+@command("sql", "run Spark SQL over the tao tables (read-only unless --write)", _sql_args)
 def _sql(a: argparse.Namespace, cfg: Config) -> int:
+    from tao_spark.sql import read_only_reason
+
+    reason = None if a.write else read_only_reason(a.query)
+    if reason:
+        raise UserError(f"refused: {reason}; tao sql is read-only, pass --write to run it anyway")
     spark, tables = _context(cfg)
     tables.register()
-    df = spark.sql(a.query)
+    try:
+        df = spark.sql(a.query)
+        rows = df.collect() if a.json else df.limit(a.limit).collect()
+    except Exception as e:  # the user's SQL: its error is the message, one line (--debug for the traceback)
+        if getattr(a, "debug", False):
+            raise
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise UserError(f"{type(e).__name__}: {first[:300]}") from None
     if a.json:
-        print(json.dumps([_jsonable(r.asDict(recursive=True)) for r in df.collect()], ensure_ascii=False))
+        print(json.dumps([_jsonable(r.asDict(recursive=True)) for r in rows], ensure_ascii=False))
     else:
-        print_table([r.asDict(recursive=True) for r in df.limit(a.limit).collect()])
+        print_table([r.asDict(recursive=True) for r in rows])
     return 0
 
 
@@ -459,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help, _, add_args) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--config", default=argparse.SUPPRESS, help="YAML config")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         add_args(p)
     return parser
 

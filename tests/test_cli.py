@@ -87,6 +87,27 @@ def test_sql_table_output(home: Path) -> None:
     assert [line.split() for line in out[2:]] == [["default", "3"], ["math", "1"]]
 
 
+@pytest.mark.parametrize("query", [
+    "DELETE FROM prompts", "UPDATE prompts SET task = 'x'", "INSERT OVERWRITE DIRECTORY '/tmp/tao-x' SELECT 1",
+    "SELECT * FROM parquet.`/etc`", "SELECT 1; DROP TABLE prompts", "SELEC 1",
+])
+def test_sql_is_read_only_unless_asked(home: Path, query: str) -> None:
+    p = tao(home, "sql", query, ok=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "refused" in p.stderr and "--write" in p.stderr
+    assert tao(home, "sql", "SELECT count(*) AS n FROM prompts", "--json").stdout.strip() == '[{"n": 4}]'
+
+
+def test_sql_errors_are_one_line_and_debug_shows_the_traceback(home: Path) -> None:
+    p = tao(home, "sql", "SELECT nope FROM prompts", ok=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "nope" in p.stderr
+    p = tao(home, "sql", "SELEC 1", "--write", ok=False)  # past the guard: Spark's own parse error, one line
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    p = tao(home, "sql", "SELECT nope FROM prompts", "--debug", ok=False)
+    assert p.returncode != 0 and "Traceback" in p.stderr
+
+
 def test_tables_lists_rows_and_versions(home: Path) -> None:
     out = tao(home, "tables").stdout
     got = {line.split()[0]: line.split()[1:3] for line in out.splitlines()[2:]}
