@@ -6,7 +6,7 @@
     tao history prompts
     tao round generate.n=8
 
-Every command takes ``--config FILE`` (default ``conf/local.yaml`` of the checkout, or ``$TAO_CONFIG``) and
+Every command takes ``--config FILE`` (default ``$TAO_CONFIG``, else the packaged ``conf/local.yaml``) and
 dotted overrides (``section.key=value``) anywhere among its arguments.
 """
 

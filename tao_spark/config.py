@@ -526,10 +526,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return _build(Config, data, "")
 
 
+CONF_DIR = Path(__file__).parent / "conf"  # the package's copy of the top-level conf/ (a symlink in a checkout)
+
+
 def default_config_path() -> Path | None:
-    """``conf/local.yaml`` of a source checkout, or ``$TAO_CONFIG``."""
+    """``$TAO_CONFIG``, else the packaged ``conf/local.yaml`` (the checkout's, or the installed wheel's)."""
     env = os.environ.get("TAO_CONFIG")
     if env:
         return Path(env)
-    p = Path(__file__).resolve().parent.parent / "conf" / "local.yaml"
+    p = CONF_DIR / "local.yaml"
     return p if p.exists() else None

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from tao_spark.rounds import Round, StageResult
     from tao_spark.tables import Tables
 
-DEEPSPEED_CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "deepspeed"
+DEEPSPEED_CONF_DIR = Path(__file__).parent / "conf" / "deepspeed"  # packaged with the wheel
 PAIR_COLUMNS = {"dpo": ("prompt", "chosen", "rejected"), "sft": ("prompt", "chosen")}
 
 # CPU defaults, checked on SmolLM2-135M-Instruct (2 cores); any key can be overridden through `train.trl`.
