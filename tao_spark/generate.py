@@ -11,6 +11,7 @@ prompts still missing.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -36,9 +37,11 @@ CANDIDATE_SCHEMA = SCHEMAS["candidates"]
 
 @dataclass(frozen=True)
 class Sampling:
-    """What, besides the policy, decides a candidate: part of every row, so rows can be reused exactly."""
+    """What, besides the policy, decides a candidate: part of every row, so rows can be reused exactly. The dtype
+    is part of it: bfloat16 weights give other answers than float32 ones."""
 
     engine: str
+    dtype: str
     n: int
     temperature: float
     top_p: float
@@ -46,8 +49,8 @@ class Sampling:
     seed: int
 
     @classmethod
-    def of(cls, cfg: GenerateConfig) -> Sampling:
-        return cls(cfg.engine, cfg.n, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed)
+    def of(cls, cfg: GenerateConfig, dtype: str) -> Sampling:
+        return cls(cfg.engine, dtype, cfg.n, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -113,9 +116,10 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
     """The generate stage: ``generate.n`` candidates for each of the round's training prompts, sampled by the
     round's policy; candidates an earlier round made with the same policy and sampling are reused."""
     train, holdout = split(tables, rnd, cfg)
-    _, path, pid = policy(cfg, rnd.base_model)
-    res = sample(tables, train, round_id=rnd.round_id, purpose="train", model=cfg.model, model_path=path,
-                 policy_id=pid, cfg=cfg.generate)
+    uri, path, pid = policy(cfg, rnd.base_model)
+    # The round's policy (the champion when loop.start_from is champion) is what the rows record as theirs.
+    res = sample(tables, train, round_id=rnd.round_id, purpose="train", model=dataclasses.replace(cfg.model, path=uri),
+                 model_path=path, policy_id=pid, cfg=cfg.generate)
     cands = tables.read("candidates").where((F.col("round_id") == rnd.round_id) & (F.col("purpose") == "train"))
     agg = cands.agg(F.count("*").alias("n"), F.sum("tokens").alias("tok"),
                     F.avg((F.col("finish_reason") == "length").cast("double")).alias("capped")).first()
@@ -139,7 +143,7 @@ def sample(
 
     ``prompts`` has at least prompt_id, task and messages. Returns counts for this call (0 when all done).
     """
-    sampling = Sampling.of(cfg)
+    sampling = Sampling.of(cfg, model.dtype)
     spark = tables.spark
     tables.ensure("candidates")
     total = prompts.count()

@@ -88,7 +88,7 @@ def test_generation_fans_out_and_loads_once_per_worker(classic: Any, tiny_model:
     from tao_spark.tables import columns
 
     cfg = GenerateConfig(n=2, max_new_tokens=8, batch_size=2, torch_threads=1)
-    sampling = Sampling.of(cfg)
+    sampling = Sampling.of(cfg, "float32")
     worker = functools.partial(  # as generate.sample builds it
         _generate_partition, model_path=str(tiny_model), dtype="float32", engine=cfg.engine, batch_size=cfg.batch_size,
         llm_args=cfg.vllm_args(), threads=cfg.torch_threads, sampling=sampling, round_id="r1", purpose="train",

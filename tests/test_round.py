@@ -187,3 +187,33 @@ def test_sft_labels_trains_on_the_references_of_training_prompts_only(spark, tmp
     refs.write_text('{"id": "instruct-0001"}\n')
     with pytest.raises(ValueError, match="references.jsonl:1: needs a string id"):
         train.run(tables, rnd, cfg)
+
+
+def test_candidates_name_the_rounds_policy_and_reuse_keys_on_dtype(spark, tmp_path, tiny_model):
+    """A round whose policy is not model.path (start_from: champion) records that policy on its candidates; the
+    reuse key includes the dtype, so bfloat16 sampling never reuses float32 candidates."""
+    import dataclasses
+    import shutil
+
+    from tao_spark import generate
+    from tao_spark.models import model_id
+
+    cfg = load_config(_config_file(tmp_path), _overrides(tmp_path / "home", tiny_model) + ["generate.max_prompts=4"])
+    tables = Tables(spark, cfg.lakehouse)
+    ingest(spark, tables, [_sample(tmp_path, 12)], cfg.ingest)
+    other = tmp_path / "champion-copy"
+    shutil.copytree(tiny_model, other)
+    rnd = loop.start(tables, cfg)
+    rnd.base_model = str(other)  # what loop.start sets when the round starts from a champion
+    loop.run_stage(tables, rnd, "generate", cfg)
+    cands = tables.read("candidates").where(F.col("round_id") == rnd.round_id)
+    assert {(r.policy, r.policy_id) for r in cands.select("policy", "policy_id").distinct().collect()} == {
+        (str(other), model_id(str(other)))}
+
+    prompts = tables.read("prompts").limit(3)
+    common = {"tables": tables, "purpose": "train", "model_path": str(tiny_model), "policy_id": "p",
+              "cfg": dataclasses.replace(cfg.generate, n=2)}
+    fp32, bf16 = cfg.model, dataclasses.replace(cfg.model, dtype="bfloat16")
+    assert generate.sample(prompts=prompts, round_id="ra", model=fp32, **common).reused == 0
+    assert generate.sample(prompts=prompts, round_id="rb", model=bf16, **common).reused == 0
+    assert generate.sample(prompts=prompts, round_id="rc", model=fp32, **common).reused == 6
