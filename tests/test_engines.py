@@ -16,6 +16,7 @@ from tao_spark.engines import (
     _decode_attention,
     get_generator,
     load_counts,
+    loaded,
     set_torch_threads,
 )
 
@@ -154,6 +155,8 @@ def test_rejects_bad_arguments(gen: TransformersGenerator) -> None:
 
 
 def test_get_generator_loads_once_across_threads(tiny_model: Path) -> None:
+    key = f"transformers:{tiny_model}:float32"
+    before = load_counts().get(key, 0) if ("transformers", str(tiny_model), "float32") not in loaded() else None
     barrier = threading.Barrier(4)
     got: list[object] = []
 
@@ -167,7 +170,26 @@ def test_get_generator_loads_once_across_threads(tiny_model: Path) -> None:
     for t in threads:
         t.join()
     assert len(got) == 4 and all(g is got[0] for g in got)
-    assert load_counts()[f"transformers:{tiny_model}:float32"] == 1
+    if before is not None:  # not loaded by an earlier test of this process: exactly one load now
+        assert load_counts()[key] == before + 1
+
+
+def test_the_engine_cache_keeps_two_and_forgets_the_least_recently_used(tiny_model: Path, tmp_path: Path) -> None:
+    """A loop evaluates every round's model in one process: the cache must not keep them all."""
+    import shutil
+
+    paths = [str(tiny_model)]
+    for i in (1, 2):
+        paths.append(str(shutil.copytree(tiny_model, tmp_path / f"round-{i}")))
+    first = get_generator("transformers", paths[0])
+    get_generator("transformers", paths[1])
+    assert get_generator("transformers", paths[0]) is first  # used again: now the most recent
+    get_generator("transformers", paths[2])  # a third: paths[1], the least recently used, goes
+    kept = [k[1] for k in loaded() if k[0] == "transformers"]
+    assert kept == [paths[0], paths[2]]
+    reloads = load_counts()[f"transformers:{paths[1]}:float32"]
+    get_generator("transformers", paths[1])
+    assert load_counts()[f"transformers:{paths[1]}:float32"] == reloads + 1
 
 
 def test_unknown_and_missing_engines(tiny_model: Path) -> None:
