@@ -106,7 +106,12 @@ _CONFLICT_CLASSES = ("DELTA_CONCURRENT_", "DELTA_METADATA_CHANGED", "DELTA_PROTO
 _CONFLICT_TYPES = {"ConcurrentAppendException", "ConcurrentDeleteReadException", "ConcurrentDeleteDeleteException",
                    "ConcurrentTransactionException", "ConcurrentWriteException", "MetadataChangedException",
                    "ProtocolChangedException", "DeltaConcurrentModificationException"}
-_CONFLICT_MARKERS = ("conflict", "concurrent", "already exists", "commit failed", "failed to commit")
+# "missing commit file": Sail lists the log while another writer's commit lands and reads an inconsistent listing
+# ("expected version 0, found 8"); nothing was written, so it is retried like a conflict.
+_CONFLICT_MARKERS = ("conflict", "concurrent", "already exists", "commit failed", "failed to commit",
+                     "missing commit file")
+
+
 def is_conflict(e: BaseException) -> bool:
     """Whether ``e`` is a Delta commit conflict with a concurrent writer (worth retrying)."""
     for get in ("getSqlState", "getCondition"):

@@ -293,8 +293,7 @@ def test_killed_python_worker_is_retried_with_exact_counts(driver: Any, local_cl
 
 def test_two_ingesters_on_delta_spark(tmp_path: Path) -> None:
     # Each its own local[1] JVM driver with delta-spark: the commit-conflict path of the JVM.
-    errs = two_ingesters_at_once(tmp_path, ["spark.master=local[1]"], timeout_s=300)
-    print("conflicts retried:", sum(e.count("commit conflict") for e in errs), file=sys.stderr)
+    two_ingesters_at_once(tmp_path, ["spark.master=local[1]"], timeout_s=600)  # asserts a conflict was retried
 
 
 def _tao(args: list[str], home: Path, conf: Path) -> subprocess.CompletedProcess[str]:

@@ -120,9 +120,16 @@ def test_round_end_to_end(spark, tmp_path, tiny_model):
     row = tables.read("rounds").where(F.col("round_id") == rnd.round_id).first()
     assert row.status == "done" and row.mlflow_run_id == rnd.mlflow_run_id and row.gate_reason
 
-    # Re-running a finished stage is a no-op; a new round on the same snapshot uses the champion as baseline.
+    # Re-running a finished stage is a no-op; the next round is compared against the champion when there is one.
     assert loop.run_stage(tables, rnd, "select", cfg).metrics["pairs"] == rnd.metrics["pairs"]
     assert tables.read("preferences").count() == len(prefs)
+    extra = tmp_path / "one-more.jsonl"
+    extra.write_text(json.dumps({"prompt": "One more question for the next round?"}) + "\n")
+    ingest(spark, tables, [extra], cfg.ingest)
+    nxt = loop.start(tables, cfg)
+    champion = f"models:/{cfg.mlflow.model_name}@champion"
+    assert nxt.baseline_model == (champion if rnd.promoted else cfg.model.path)
+    assert nxt.base_model == cfg.model.path  # loop.start_from: base
 
 
 def test_killed_round_resumes_without_duplicate_or_missing_rows(spark, tmp_path, tiny_model):

@@ -121,5 +121,6 @@ def test_commit_conflicts_are_told_apart_from_other_errors() -> None:
     assert is_conflict(Captured("metadata changed", None, "DELTA_METADATA_CHANGED"))
     assert is_conflict(RuntimeError("io.delta.exceptions.ConcurrentAppendException: retry"))
     assert is_conflict(RuntimeError("Transaction 7 already exists"))  # Sail / delta-rs
+    assert is_conflict(RuntimeError("Missing commit file: expected version 0, found 8"))  # Sail mid-commit listing
     assert not is_conflict(Captured("[TABLE_OR_VIEW_NOT_FOUND] no table", "42P01", "TABLE_OR_VIEW_NOT_FOUND"))
     assert not is_conflict(ValueError("bad value"))
