@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -34,6 +35,24 @@ def command(name: str, help: str, args: Callable[[argparse.ArgumentParser], None
         COMMANDS[name] = (help, fn, args)
         return fn
     return wrap
+
+
+_RESULT = sys.stdout  # where a command's result goes; with --json, the only thing written to the real stdout
+
+
+def emit(text: str) -> None:
+    """Write a command's result (its JSON, or its report) to stdout; progress and logs go to stderr."""
+    _RESULT.write(text + "\n")
+    _RESULT.flush()
+
+
+def _json_stdout() -> None:
+    """For ``--json``: keep the real stdout for the JSON alone. Everything else written to file descriptor 1 (the
+    training subprocess TorchDistributor relays, progress bars, libraries that print) goes to stderr."""
+    global _RESULT
+    sys.stdout.flush()
+    _RESULT = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
 
 
 def _context(cfg: Config) -> tuple[Any, Any]:
@@ -110,7 +129,7 @@ def _ingest_handler(name: str, fn_name: str) -> Handler:
 
 def _print_ingest(r: Any, as_json: bool) -> int:
     if as_json:
-        print(json.dumps(r.to_json()))
+        emit(json.dumps(r.to_json()))
         return 0
     read = f" (source read up to v{r.source_version}: {r.source_rows} rows)" if r.source_version is not None else ""
     print(f"batch {r.batch_id}: {r.offered} offered, {r.accepted} accepted, {r.duplicates} duplicates, "
@@ -148,7 +167,7 @@ def _train_reward(a: argparse.Namespace, cfg: Config) -> int:
     spark, tables = _context(cfg)
     r = reward_model.run(spark, tables, cfg, name=a.name)
     if a.json:
-        print(json.dumps(_jsonable(r.to_json())))
+        emit(json.dumps(_jsonable(r.to_json())))
     else:
         print(reward_model.report(r))
     return 0
@@ -180,7 +199,7 @@ def _sql(a: argparse.Namespace, cfg: Config) -> int:
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise UserError(f"{type(e).__name__}: {first[:300]}") from None
     if a.json:
-        print(json.dumps([_jsonable(r.asDict(recursive=True)) for r in rows], ensure_ascii=False))
+        emit(json.dumps([_jsonable(r.asDict(recursive=True)) for r in rows], ensure_ascii=False))
     else:
         print_table([r.asDict(recursive=True) for r in rows])
     return 0
@@ -213,7 +232,7 @@ def _history(a: argparse.Namespace, cfg: Config) -> int:
     _, tables = _context(cfg)
     hist = tables.history(a.table)
     if a.json:
-        print(json.dumps(_jsonable(hist)))
+        emit(json.dumps(_jsonable(hist)))
         return 0
     rows = []
     for h in hist:
@@ -244,7 +263,7 @@ def _coverage(a: argparse.Namespace, cfg: Config) -> int:
         cov = coverage.measure(tables, cfg)
     except TableNotFound:
         raise UserError("no prompts yet: run `tao ingest FILE` (or `tao ingest --table NAME`) first") from None
-    print(json.dumps(cov) if a.json else coverage.summary(cov))
+    emit(json.dumps(cov) if a.json else coverage.summary(cov))
     return 0
 
 
@@ -264,7 +283,7 @@ def _genai_eval(a: argparse.Namespace, cfg: Config) -> int:
         result = mlflow_evaluate(tables, cfg, a.round, a.arm)
     except TableNotFound:
         raise UserError("no evaluations yet: run `tao round` first") from None
-    print(json.dumps({"run_id": result.run_id, "metrics": {k: float(v) for k, v in result.metrics.items()}}))
+    emit(json.dumps({"run_id": result.run_id, "metrics": {k: float(v) for k, v in result.metrics.items()}}))
     return 0
 
 
@@ -280,9 +299,9 @@ def _round(a: argparse.Namespace, cfg: Config) -> int:
     _, tables = _context(cfg)
     rnd = loop.run_round(tables, cfg, new=a.new)
     if rnd is None:
-        print(json.dumps(None) if a.json else "nothing to do: no new prompts since the last promoted round")
+        emit(json.dumps(None) if a.json else "nothing to do: no new prompts since the last promoted round")
         return 0
-    print(json.dumps(_jsonable(rnd.__dict__), default=str) if a.json else loop.report(rnd, cfg))
+    emit(json.dumps(_jsonable(rnd.__dict__), default=str) if a.json else loop.report(rnd, cfg))
     return 0
 
 
@@ -407,11 +426,11 @@ def _ab(a: argparse.Namespace, cfg: Config) -> int:
     _, tables = _context(cfg)
     if a.action == "pairs":
         n = serve.feedback_pairs(tables, cfg)
-        print(json.dumps({"pairs": n}) if a.json else f"{n} new preference pairs from feedback")
+        emit(json.dumps({"pairs": n}) if a.json else f"{n} new preference pairs from feedback")
         return 0
     r = serve.ab_report(tables, min_rated=a.min_rated)
     if a.json:
-        print(json.dumps(r))
+        emit(json.dumps(r))
         return 0
     print_table([{"arm": arm, **{k: round(v, 3) if isinstance(v, float) else v for k, v in m.items()}}
                  for arm, m in r["arms"].items()])
@@ -437,13 +456,13 @@ def _cluster(a: argparse.Namespace, cfg: Config) -> int:
 
     if a.action == "stop":
         stopped = cluster.stop(cfg.home)
-        print(json.dumps({"stopped": stopped}) if a.json else
-              f"stopped {', '.join(stopped)}" if stopped else "no cluster running")
+        emit(json.dumps({"stopped": stopped}) if a.json else
+             f"stopped {', '.join(stopped)}" if stopped else "no cluster running")
         return 0
     if a.action == "status":
         st = cluster.status(cfg.home)
-        print(json.dumps(st) if a.json else
-              "\n".join(f"{k}: {v}" for k, v in st.items()) if st["running"] else "no cluster running")
+        emit(json.dumps(st) if a.json else
+             "\n".join(f"{k}: {v}" for k, v in st.items()) if st["running"] else "no cluster running")
         return 0 if st["running"] else 1
     try:
         state = cluster.start(cfg.home, workers=a.workers, cores=a.cores, connect=a.connect)
@@ -451,7 +470,7 @@ def _cluster(a: argparse.Namespace, cfg: Config) -> int:
         print(f"tao cluster: {e}", file=sys.stderr)
         return 2
     if a.json:
-        print(json.dumps(asdict(state)))
+        emit(json.dumps(asdict(state)))
         return 0
     print(f"master   {state.master_url}   (UI {state.master_ui})")
     if state.connect_url:
@@ -491,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"tao: config error: {e}", file=sys.stderr)
         return 2
+    if getattr(args, "json", False):
+        _json_stdout()
     try:
         return COMMANDS[args.command][1](args, cfg)
     except UserError as e:

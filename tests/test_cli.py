@@ -108,6 +108,13 @@ def test_sql_errors_are_one_line_and_debug_shows_the_traceback(home: Path) -> No
     assert p.returncode != 0 and "Traceback" in p.stderr
 
 
+@pytest.mark.parametrize("args", [["coverage"], ["ab", "report"], ["ab", "pairs"], ["history", "prompts"],
+                                  ["sql", "SELECT 1 AS one"]])
+def test_every_json_command_prints_json_alone(home: Path, args: list[str]) -> None:
+    p = tao(home, *args, "--json")
+    json.loads(p.stdout)  # the whole of stdout, not its last line
+
+
 def test_tables_lists_rows_and_versions(home: Path) -> None:
     out = tao(home, "tables").stdout
     got = {line.split()[0]: line.split()[1:3] for line in out.splitlines()[2:]}

@@ -79,11 +79,11 @@ def test_the_wheel_runs_without_the_checkout(tmp_path: Path) -> None:
     assert all(str(target) in w for w in where[:2]) and where[2] == "True", where
     data = target / "tao_spark" / "data" / "prompts.jsonl"
     cli = ["-m", "tao_spark.cli"]
-    assert json.loads(run(*cli, "ingest", str(data), "--json").strip().splitlines()[-1])["accepted"] > 0
+    assert json.loads(run(*cli, "ingest", str(data), "--json"))["accepted"] > 0  # stdout is the JSON alone
     # The default model (SmolLM2 from its package) at a tiny budget: a random tiny model's samples tie on every
     # default reward, so it would give no pairs.
     out = run(*cli, "round", "--json", "generate.n=2", "generate.max_new_tokens=16", "generate.max_prompts=8",
               "evaluate.max_prompts=4", "evaluate.max_new_tokens=8", "evaluate.bootstrap=100", "select.min_margin=0.0",
               "train.trl.max_steps=1", "train.trl.per_device_train_batch_size=2")
-    result = json.loads(out.strip().splitlines()[-1])
+    result = json.loads(out)  # the training subprocess's output went to stderr, not into the JSON
     assert result["status"] == "done" and result["metrics"]["pairs"] > 0, result
