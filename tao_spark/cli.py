@@ -56,8 +56,19 @@ def _json_stdout() -> None:
 
 
 def _context(cfg: Config) -> tuple[Any, Any]:
+    from tao_spark.config import is_namespace
     from tao_spark.session import get_spark
     from tao_spark.tables import Tables
+
+    if os.environ.get("PYSPARK_GATEWAY_PORT") and not cfg.spark.remote and is_namespace(cfg.lakehouse):
+        from tao_spark import cluster
+
+        st = cluster.status(cfg.home)
+        if st.get("connect_url") and st.get("processes", {}).get("connect", {}).get("alive"):
+            # Its metastore is embedded Derby, which one JVM opens at a time: this driver cannot share it.
+            raise UserError(f"lakehouse={cfg.lakehouse} is a catalog namespace whose metastore under {cfg.home} is "
+                            f"held by the Spark Connect server: pass spark.remote={st['connect_url']} to this job "
+                            "(it then runs as that server's client), or stop the server first")
 
     spark = get_spark(cfg.spark)
     return spark, Tables(spark, cfg.lakehouse)
@@ -475,9 +486,11 @@ def _cluster(a: argparse.Namespace, cfg: Config) -> int:
     print(f"master   {state.master_url}   (UI {state.master_ui})")
     if state.connect_url:
         print(f"connect  {state.connect_url}")
-    print(f"\n  tao round spark.master={state.master_url} train.local_mode=false train.num_processes=2")
-    print(f"  spark-submit --master {state.master_url} --packages {delta_package()} jobs/tao_round.py "
-          "train.local_mode=false train.num_processes=2")
+    # Full paths: pyspark's spark-submit and spark-sql live in this environment's bin, often not on PATH.
+    bin_dir = Path(sys.executable).parent
+    print(f"\n  tao round spark.master={state.master_url} train.num_processes=2")
+    print(f"  PYSPARK_PYTHON={sys.executable} {bin_dir / 'spark-submit'} --master {state.master_url} "
+          f"--packages {delta_package()} jobs/tao_round.py train.num_processes=2")
     if state.connect_url:
         print(f"  tao round spark.remote={state.connect_url} lakehouse=tao")
     print("  tao cluster stop")

@@ -1,7 +1,7 @@
 """A Spark standalone cluster on loopback: one master, two worker JVMs and (optionally) a Spark Connect server.
 
     tao cluster start [--connect]   # prints the spark:// and sc:// URLs
-    tao round spark.master=spark://127.0.0.1:7077 train.local_mode=false train.num_processes=2
+    tao round spark.master=spark://127.0.0.1:7077 train.num_processes=2
     tao cluster stop                # stops every process it started, by PID
 
 The same processes a real cluster runs (``org.apache.spark.deploy.master.Master``, ``...worker.Worker``, each

@@ -200,8 +200,9 @@ class TrainConfig:
                                       "prompt log (id is the log line's own id)")
     backend: str = _f("torch", "torch (TorchDistributor) or deepspeed (DeepspeedTorchDistributor, GPU only)")
     num_processes: int = _f(1, "distributor processes")
-    local_mode: bool = _f(True, "torchrun on the driver's machine; false runs each process as a barrier Spark task "
-                                "on the executors (classic Spark)")
+    local_mode: bool | None = _f(None, "true: torchrun on the driver's machine; false: each process a barrier Spark "
+                                       "task on the executors; unset: the executors when the session is a cluster "
+                                       "(JVM Spark or a Connect server whose master is not local[*]), else here")
     use_gpu: bool = _f(False, "train on GPUs")
     lora_r: int = _f(16, "LoRA rank")
     lora_alpha: int = _f(32, "LoRA alpha")
@@ -387,7 +388,11 @@ class Config:
                 setattr(self, f.name, _hint(Config, f.name)())
         self.home = str(Path(self.home or os.environ.get("TAO_HOME") or ".tao").resolve())
         self.lakehouse = self.lakehouse or str(Path(self.home) / "lakehouse")
-        if self.spark.master:
+        # A JVM driver this process starts: classic (spark.master) or under spark-submit, whose job sets no master
+        # of ours but whose SparkContext the job's builder creates. Without these, a catalog lakehouse would go to
+        # an in-memory catalog and ./spark-warehouse, visible to nobody else. Databricks has its own catalog.
+        submitted = bool(os.environ.get("PYSPARK_GATEWAY_PORT")) and not self.spark.remote
+        if (self.spark.master or submitted) and not os.environ.get("DATABRICKS_RUNTIME_VERSION"):
             self.spark.conf = {**local_catalog_conf(self.home, catalog=is_namespace(self.lakehouse)),
                                **self.spark.conf}
 

@@ -204,8 +204,18 @@ class Tables:
         return _quote(self.path(name)) if self.namespace else f"delta.`{self.path(name)}`"
 
     def lineage(self, name: str) -> dict[str, str]:
-        """Keyword arguments of MLflow's ``DeltaDatasetSource`` that name this table."""
-        return {"delta_table_name": self.path(name)} if self.namespace else {"path": self.path(name)}
+        """Keyword arguments of MLflow's ``DeltaDatasetSource`` that name this table.
+
+        A table name is fully qualified with the session's catalog: MLflow takes a two-part ``tao.prompts`` for a
+        Unity Catalog table (and asks Databricks for its id, warning on every call outside Databricks); as
+        ``spark_catalog.tao.prompts`` it is the local metastore's, and on Databricks ``main.tao.prompts`` is UC's.
+        """
+        if not self.namespace:
+            return {"path": self.path(name)}
+        table = self.path(name)
+        if table.count(".") == 1:
+            table = f"{self.spark.catalog.currentCatalog()}.{table}"
+        return {"delta_table_name": table}
 
     def _local(self) -> bool:
         return self.namespace is None and "://" not in self.root and not self.root.startswith("dbfs:")

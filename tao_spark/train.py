@@ -103,8 +103,13 @@ def distributor_for(cfg: TrainConfig, deepspeed_config: str | None) -> Any:
     """The Spark distributor that runs ``train_worker``: torchrun on the driver's machine (``cfg.local_mode``),
     else one barrier Spark task per process on the executors.
 
-    Needs an active SparkSession (classic or Spark Connect): the distributor reads its conf from it.
+    Needs an active SparkSession (classic or Spark Connect): the distributor reads its conf from it, and an unset
+    ``local_mode`` is decided by it (``runs_here``).
     """
+    if cfg.local_mode is None:
+        from pyspark.sql import SparkSession
+
+        cfg = dataclasses.replace(cfg, local_mode=runs_here(cfg, SparkSession.active()))
     if cfg.backend == "deepspeed":
         from pyspark.ml.deepspeed.deepspeed_distributor import DeepspeedTorchDistributor
 
@@ -197,6 +202,19 @@ def worker_spec(records: list[dict[str, Any]], model_path: str, out_dir: str, cf
     }
 
 
+def runs_here(cfg: TrainConfig, spark: SparkSession) -> bool:
+    """Whether training runs on this machine (TorchDistributor's local mode): ``train.local_mode`` when set, else
+    only when the session has no executors of its own to use: Sail, or JVM Spark with a ``local[*]`` master. Over
+    Spark Connect the server's master decides, so a round submitted to a cluster trains on its workers."""
+    if cfg.local_mode is not None:
+        return cfg.local_mode
+    from tao_spark.tables import is_jvm_spark
+
+    if not is_jvm_spark(spark):
+        return True
+    return str(spark.conf.get("spark.master", "local")).startswith("local")
+
+
 def train_on_pairs(pairs: pd.DataFrame, model_path: str, out_dir: str, cfg: TrainConfig, *, seed: int = 0,
                    spark: SparkSession | None = None) -> TrainResult:
     """Fine-tune ``model_path`` on ``pairs`` with a LoRA adapter, through Spark's TorchDistributor.
@@ -236,6 +254,9 @@ def train_on_pairs(pairs: pd.DataFrame, model_path: str, out_dir: str, cfg: Trai
     if spark is not None and spark is not active:
         raise ValueError("spark= is not the active SparkSession, and TorchDistributor only uses the active one")
 
+    cfg = dataclasses.replace(cfg, local_mode=runs_here(cfg, active))
+    where = "this machine" if cfg.local_mode else f"the executors of {active.conf.get('spark.master', '?')}"
+    print(f"tao: train: {cfg.num_processes} process(es) on {where}", file=sys.stderr, flush=True)
     spec = worker_spec(records, model_path, out_dir, cfg, seed)
     out, deepspeed_config = Path(spec["out_dir"]), spec["args"].get("deepspeed")
     _drop_stale_checkpoints(out, spec)

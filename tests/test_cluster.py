@@ -131,6 +131,45 @@ def test_spark_submit_runs_a_job_entry_on_the_cluster(local_cluster: tuple[clust
     assert "Apache-Spark" in str(table.history(1)[0].get("engineInfo", ""))
 
 
+def test_spark_submit_in_catalog_mode_uses_the_homes_catalog_or_refuses(
+        local_cluster: tuple[cluster.ClusterState, Path], tmp_path: Path) -> None:
+    """spark-submit sets no spark.master of ours: a catalog lakehouse must still land in the home's metastore, not
+    in an in-memory catalog and ./spark-warehouse; while the Connect server holds that metastore, a one-line refusal
+    names the spark.remote to use."""
+    from tao_spark.session import delta_package
+
+    state, cluster_home = local_cluster
+    spark_submit = Path(sys.executable).parent / "spark-submit"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    data = _slice(tmp_path, "a.jsonl", 0, 20)
+
+    def submit(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "TAO_HOME": str(home), "PYSPARK_PYTHON": sys.executable,
+               "PYSPARK_DRIVER_PYTHON": sys.executable}
+        return subprocess.run([str(spark_submit), "--master", state.master_url, "--packages", delta_package(),
+                               "--conf", "spark.cores.max=2", "--conf", "spark.executor.cores=1",
+                               str(ROOT / "jobs" / "tao_ingest.py"), *args], env=env, cwd=cwd, capture_output=True,
+                              text=True, timeout=600)
+
+    r = submit(cluster_home, str(data), "lakehouse=tao_submit")  # the Connect server holds this home's metastore
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"spark.remote={state.connect_url}" in r.stderr.strip().splitlines()[-1]
+
+    home = tmp_path / "home"  # no Connect server here: the job opens the home's metastore itself
+    r = submit(home, str(data), "lakehouse=tao_submit", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["accepted"] == 20
+    assert not (cwd / "spark-warehouse").exists() and (home / "metastore_db").is_dir()
+    # Another driver on the same home finds the table by name.
+    env = {**os.environ, "TAO_HOME": str(home)}
+    r = subprocess.run([sys.executable, "-m", "tao_spark.cli", "sql", "SELECT count(*) AS n FROM tao_submit.prompts",
+                        "--json", "spark.master=local[1]", "lakehouse=tao_submit"], env=env, cwd=cwd,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout) == [{"n": 20}]
+
+
 def _executor_logs(state: cluster.ClusterState, app_id: str) -> str:
     """stdout and stderr of this application's executors, from every worker's work directory."""
     text = []
@@ -312,7 +351,7 @@ def test_catalog_tables_by_name_over_spark_connect(local_cluster: tuple[cluster.
             "generate.n=3", "generate.max_new_tokens=8", "generate.max_prompts=8", "generate.batch_size=4",
             "generate.temperature=1.0", "evaluate.max_prompts=4", "evaluate.max_new_tokens=8",
             "evaluate.bootstrap=100", "select.min_margin=0.0", "train.trl.max_steps=2",
-            "train.trl.per_device_train_batch_size=2", "mlflow.experiment=connect", "train.local_mode=false",
+            "train.trl.per_device_train_batch_size=2", "mlflow.experiment=connect",
             "train.num_processes=2", "gate.min_win_rate_low=0.0", "gate.max_task_drop=1.0"]
     r = _tao(["ingest", str(_slice(tmp_path, "a.jsonl", 0, 50)), "--json", *over], home, conf)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -320,6 +359,8 @@ def test_catalog_tables_by_name_over_spark_connect(local_cluster: tuple[cluster.
     assert first["accepted"] == 50
     r = _tao(["round", "--json", *over], home, conf)
     assert r.returncode == 0, r.stderr[-3000:]
+    # train.local_mode unset: over Connect to a cluster, training runs on its executors, not on this client.
+    assert f"tao: train: 2 process(es) on the executors of {state.master_url}" in r.stderr, r.stderr[-3000:]
 
     # A later append through the CLI, then a second Spark session (another process: a plain PySpark Connect
     # client, no tao_spark) reads the tables by name, and VERSION AS OF the snapshot the round pinned.
@@ -352,7 +393,9 @@ def test_catalog_tables_by_name_over_spark_connect(local_cluster: tuple[cluster.
     mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
     (ds,) = MlflowClient().get_run(rnd["mlflow_run_id"]).inputs.dataset_inputs
     source = json.loads(ds.dataset.source)
-    assert source["delta_table_name"] == "tao_test.prompts" and source["delta_table_version"] == v
+    # Fully qualified with the local catalog, so MLflow does not take it for a Unity Catalog table.
+    assert source["delta_table_name"] == "spark_catalog.tao_test.prompts" and source["delta_table_version"] == v
+    assert "is_databricks_uc_table" not in source
 
 
 def test_inference_table_by_name_incrementally_over_spark_connect(local_cluster: tuple[cluster.ClusterState, Path],

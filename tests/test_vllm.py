@@ -141,3 +141,20 @@ def test_lora_adapter_folder_is_served_as_a_lora_request(model_path: str, refere
     got = lora.generate(CHATS[:2], seeds=SEEDS[:2], **GREEDY)  # type: ignore[arg-type]
     assert texts(got) == texts(want)
     assert texts(got) != texts(reference["greedy"][:2])  # type: ignore[index]  # the adapter is applied
+
+
+def test_a_second_vllm_engine_replaces_the_first(model_path: str, gen: VllmGenerator, reference: dict[str, object],
+                                                  tmp_path: Path) -> None:
+    """Each vLLM engine takes gpu_memory_utilization of the card: a process never keeps two (evaluate's arms,
+    a loop's rounds). Runs last in this file: it shuts the module's engine down."""
+    from tao_spark.engines import loaded
+
+    other = tmp_path / "same-weights-other-path"
+    other.mkdir()
+    for f in Path(model_path).iterdir():
+        (other / f.name).symlink_to(f.resolve())
+    second = get_generator("vllm", str(other), llm_args=LLM_ARGS)
+    assert [k for k in loaded() if k[0] == "vllm"] == [("vllm", str(other), "float32")]
+    assert not hasattr(gen, "llm")  # the first was shut down, not merely forgotten
+    got = second.generate(CHATS[:1], seeds=SEEDS[:1], **GREEDY)  # type: ignore[arg-type]
+    assert texts(got) == texts(reference["greedy"][:1])  # type: ignore[index]  # same weights, same answers
