@@ -451,7 +451,8 @@ def _ab(a: argparse.Namespace, cfg: Config) -> int:
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["start", "stop", "status"])
-    p.add_argument("--connect", action="store_true", help="start: also a Spark Connect server with Delta")
+    p.add_argument("--connect", action="store_true",
+                   help="start: also the SQL server with Delta: Spark Connect (sc://) and Thrift JDBC (jdbc:hive2://)")
     p.add_argument("--workers", type=int, default=2, help="start: worker JVMs")
     p.add_argument("--cores", type=int, default=2, help="start: task slots per worker")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -486,6 +487,7 @@ def _cluster(a: argparse.Namespace, cfg: Config) -> int:
     print(f"master   {state.master_url}   (UI {state.master_ui})")
     if state.connect_url:
         print(f"connect  {state.connect_url}")
+        print(f"jdbc     {state.jdbc_url}   (beeline, BI tools: tables by name, e.g. tao.prompts)")
     # Full paths: pyspark's spark-submit and spark-sql live in this environment's bin, often not on PATH.
     bin_dir = Path(sys.executable).parent
     print(f"\n  tao round spark.master={state.master_url} train.num_processes=2")
@@ -493,6 +495,9 @@ def _cluster(a: argparse.Namespace, cfg: Config) -> int:
           f"--packages {delta_package()} jobs/tao_round.py train.num_processes=2")
     if state.connect_url:
         print(f"  tao round spark.remote={state.connect_url} lakehouse=tao")
+        spark_home = cluster._spark_home()
+        print(f"  SPARK_HOME={spark_home} {spark_home / 'bin' / 'beeline'} -u {state.jdbc_url} "
+              "-e 'SELECT count(*) FROM tao.prompts'")
     print("  tao cluster stop")
     return 0
 

@@ -1,6 +1,6 @@
-"""A Spark standalone cluster on loopback: one master, two worker JVMs and (optionally) a Spark Connect server.
+"""A Spark standalone cluster on loopback: one master, two worker JVMs and (optionally) a SQL server.
 
-    tao cluster start [--connect]   # prints the spark:// and sc:// URLs
+    tao cluster start [--connect]   # prints the spark://, sc:// and jdbc:hive2:// URLs
     tao round spark.master=spark://127.0.0.1:7077 train.num_processes=2
     tao cluster stop                # stops every process it started, by PID
 
@@ -8,8 +8,10 @@ The same processes a real cluster runs (``org.apache.spark.deploy.master.Master`
 worker with its own work directory, executors in their own JVMs with their own Python workers), started from
 the Spark that the ``pyspark`` package ships. Everything lives under ``<home>/cluster``: ``state.json`` (PIDs,
 URLs), ``logs/``, ``worker-N/`` (each worker's work directory, where executors keep their stdout/stderr). The
-Connect server is an application of the cluster with delta-spark, its warehouse and Hive metastore under
-``home``: what Databricks Connect and serverless jobs look like to a client.
+SQL server (``--connect``) is one application of the cluster with delta-spark, its warehouse and Hive metastore under
+``home``, serving two protocols from that one JVM (the metastore is embedded Derby, which one JVM opens at a time):
+Spark Connect (what Databricks Connect and serverless jobs look like to a client) through Spark's Connect plugin, and
+HiveServer2's Thrift JDBC/ODBC protocol (what BI tools, ``beeline`` and notebooks' SQL cells speak).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from typing import Any
 
 MASTER_CLASS = "org.apache.spark.deploy.master.Master"
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
-CONNECT_CLASS = "org.apache.spark.sql.connect.service.SparkConnectServer"
+THRIFT_CLASS = "org.apache.spark.sql.hive.thriftserver.HiveThriftServer2"
+CONNECT_PLUGIN = "org.apache.spark.sql.connect.SparkConnectPlugin"
 
 
 @dataclass
@@ -38,6 +41,7 @@ class ClusterState:
     master_url: str
     master_ui: str
     connect_url: str | None = None
+    jdbc_url: str | None = None
     pids: dict[str, int] = field(default_factory=dict)
     work_dirs: list[str] = field(default_factory=list)
 
@@ -97,7 +101,7 @@ def _alive(pid: int, marker: str) -> bool:
 
 
 def _markers(name: str) -> str:
-    return CONNECT_CLASS if name == "connect" else MASTER_CLASS if name == "master" else WORKER_CLASS
+    return THRIFT_CLASS if name == "connect" else MASTER_CLASS if name == "master" else WORKER_CLASS
 
 
 def load_state(home: str) -> ClusterState | None:
@@ -161,22 +165,27 @@ def start(home: str, *, workers: int = 2, cores: int = 2, memory: str = "3g", co
         _save(home, state)
     _wait(f"{workers} Spark workers", lambda: _alive_workers(ui) >= workers, timeout_s, root / "logs" / "worker-1.log")
     if connect:
-        state.connect_url, state.pids["connect"] = _start_connect(home, state.master_url, connect_cores, env,
-                                                                  timeout_s)
+        state.connect_url, state.jdbc_url, state.pids["connect"] = _start_connect(home, state.master_url,
+                                                                                  connect_cores, env, timeout_s)
         _save(home, state)
     print(f"tao: cluster up in {time.perf_counter() - t0:.1f} s: {state.master_url} (UI {state.master_ui})"
-          + (f", Spark Connect {state.connect_url}" if state.connect_url else ""), file=sys.stderr)
+          + (f", Spark Connect {state.connect_url}, JDBC {state.jdbc_url}" if state.connect_url else ""),
+          file=sys.stderr)
     return state
 
 
-def _start_connect(home: str, master_url: str, cores: int, env: dict[str, str], timeout_s: float) -> tuple[str, int]:
+def _start_connect(home: str, master_url: str, cores: int, env: dict[str, str], timeout_s: float
+                   ) -> tuple[str, str, int]:
+    """The SQL server: HiveServer2 (Thrift JDBC) with Spark Connect as a plugin of the same application; returns
+    the sc:// URL, the jdbc:hive2:// URL and the PID."""
     from tao_spark.config import local_catalog_conf
     from tao_spark.session import delta_conf
 
-    port = _free_port(15002)
+    port, jdbc_port = _free_port(15002), _free_port(10000)
     conf = {
         **delta_conf({}, 2),
         **local_catalog_conf(home, catalog=True),
+        "spark.plugins": CONNECT_PLUGIN,
         "spark.connect.grpc.binding.address": "127.0.0.1",
         "spark.connect.grpc.binding.port": str(port),
         "spark.cores.max": str(cores),
@@ -185,15 +194,39 @@ def _start_connect(home: str, master_url: str, cores: int, env: dict[str, str], 
         "spark.ui.enabled": "false",
         "spark.sql.shuffle.partitions": "2",
     }
-    packages = conf.pop("spark.jars.packages")
-    args = [str(_spark_home() / "bin" / "spark-submit"), "--master", master_url, "--class", CONNECT_CLASS,
-            "--name", "tao-spark-connect", "--packages", packages]
+    # Delta's jars on the driver's own class path, not only through --packages: HiveServer2 opens each JDBC
+    # session on a thread whose class loader does not see jars added at run time (ClassNotFoundException DeltaCatalog).
+    jars = delta_jars(conf.pop("spark.jars.packages"), env)
+    conf["spark.driver.extraClassPath"] = ":".join(jars)
+    args = [str(_spark_home() / "bin" / "spark-submit"), "--master", master_url, "--class", THRIFT_CLASS,
+            "--name", "tao-sql-server", "--jars", ",".join(jars)]
     for k, v in conf.items():
         args += ["--conf", f"{k}={v}"]
-    args.append("spark-internal")
+    args += ["spark-internal", "--hiveconf", f"hive.server2.thrift.port={jdbc_port}",
+             "--hiveconf", "hive.server2.thrift.bind.host=127.0.0.1"]
     pid = _launch("connect", args, home, env)
-    _wait("the Spark Connect server", lambda: _port_open(port), timeout_s, _dir(home) / "logs" / "connect.log")
-    return f"sc://127.0.0.1:{port}", pid
+    _wait("the SQL server (Spark Connect and JDBC)", lambda: _port_open(port) and _port_open(jdbc_port), timeout_s,
+          _dir(home) / "logs" / "connect.log")
+    return f"sc://127.0.0.1:{port}", f"jdbc:hive2://127.0.0.1:{jdbc_port}/", pid
+
+
+def delta_jars(packages: str, env: dict[str, str]) -> list[str]:
+    """Local paths of ``packages``' jars (delta-spark and its dependencies), resolved from Maven by spark-submit's own
+    resolver into a cache shared by every home (``~/.cache/tao_spark/ivy``), once."""
+    ivy = Path.home() / ".cache" / "tao_spark" / "ivy" / packages.replace(":", "_").replace(",", "+")  # one set
+    wanted = [p.split(":") for p in packages.split(",")]
+    found = sorted(str(j) for j in (ivy / "jars").glob("*.jar")) if (ivy / "jars").is_dir() else []
+    if not all(any(f"{g}_{a}-{v}.jar" in j for j in found) for g, a, v in wanted):
+        ivy.mkdir(parents=True, exist_ok=True)
+        noop = ivy / "resolve.py"
+        noop.write_text("# spark-submit resolves --packages before it runs this file, which does nothing\n")
+        r = subprocess.run([str(_spark_home() / "bin" / "spark-submit"), "--master", "local[1]", "--packages",
+                            packages, "--conf", f"spark.jars.ivy={ivy}", str(noop)], env=env, capture_output=True,
+                           text=True, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"could not resolve {packages} from Maven: {r.stderr.strip().splitlines()[-1:]}")
+        found = sorted(str(j) for j in (ivy / "jars").glob("*.jar"))
+    return found
 
 
 def _save(home: str, state: ClusterState) -> None:

@@ -393,6 +393,18 @@ def test_catalog_tables_by_name_over_spark_connect(local_cluster: tuple[cluster.
     mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
     (ds,) = MlflowClient().get_run(rnd["mlflow_run_id"]).inputs.dataset_inputs
     source = json.loads(ds.dataset.source)
+    # A JDBC client (beeline, as a BI tool would connect) reads the same tables by name, VERSION AS OF included.
+    beeline = cluster._spark_home() / "bin" / "beeline"
+    r = subprocess.run([str(beeline), "-u", state.jdbc_url, "--silent=true", "--outputformat=csv2", "-e",
+                        f"SELECT count(*) AS n FROM tao_test.prompts VERSION AS OF {v}; "
+                        "SELECT count(*) AS n FROM tao_test.candidates WHERE purpose = 'train'; "
+                        "SELECT count(*) AS n FROM tao_test.preferences"],
+                       env={**os.environ, "SPARK_HOME": str(cluster._spark_home())}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    counts = [int(line) for line in r.stdout.split() if line.isdigit()]
+    assert counts[:2] == [50, 8 * 3] and len(counts) == 3, r.stdout
+
     # Fully qualified with the local catalog, so MLflow does not take it for a Unity Catalog table.
     assert source["delta_table_name"] == "spark_catalog.tao_test.prompts" and source["delta_table_version"] == v
     assert "is_databricks_uc_table" not in source
