@@ -52,7 +52,7 @@ def _udf(spark: Any, pdf: Any, model: str, cfg: Any, dtype: str = "float32") -> 
 
     worker = functools.partial(
         _generate_partition, model_path=model, dtype=dtype, engine=cfg.engine, batch_size=cfg.batch_size,
-        llm_args=cfg.vllm_args(), threads=torch_threads(cfg), sampling=Sampling.of(cfg), round_id="bench",
+        llm_args=cfg.vllm_args(), threads=torch_threads(cfg), sampling=Sampling.of(cfg, dtype), round_id="bench",
         purpose="train", policy="bench", policy_id="bench")
     df = spark.createDataFrame(pdf).repartition(cfg.partitions)
     t0 = time.perf_counter()

@@ -145,7 +145,7 @@ class Spool:
             if self._file.tell() == 0:
                 return
             old_path, old = self.live, self._file
-            os.rename(old_path, self.folder / f"{old_path.stem}-{time.time_ns()}.flushing")
+            os.rename(old_path, self.folder / f"{time.time_ns():020d}-{old_path.stem}.flushing")
             self.live, self._file = self._open_live()
             old.close()
 
@@ -167,9 +167,11 @@ class Spool:
                 if os.fstat(f.fileno()).st_size == 0:
                     path.unlink()
                 else:
-                    os.rename(path, self.folder / f"{path.stem}-{time.time_ns()}.flushing")
+                    os.rename(path, self.folder / f"{time.time_ns():020d}-{path.stem}.flushing")
 
     def pending(self) -> list[Path]:
+        """Set-aside files in the order they were set aside (their names start with the time): a key's later
+        record (a changed rating) comes after its earlier one."""
         return sorted(self.folder.glob("*.flushing"))
 
     def backlog(self) -> int:
