@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test test-slow test-faults test-classic test-cluster test-vllm test-lowest bench quality recognition \
-	foreign lint clean
+	foreign fixed-costs lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -117,6 +117,10 @@ recognition: $(STAMP)
 # evaluation: ~30 min on 2 cores; resumes in .foreign/ after a kill.
 foreign: $(STAMP)
 	$(PY) bench/foreign.py $(FOREIGN_ARGS)
+
+# The cluster path's fixed costs against the embedded default (360-prompt ingest, a tiny round, per stage): ~10 min.
+fixed-costs: $(STAMP)
+	$(PY) bench/fixed_costs.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tao_spark jobs tests bench
