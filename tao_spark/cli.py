@@ -13,12 +13,13 @@ dotted overrides (``section.key=value``) anywhere among its arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +47,24 @@ def emit(text: str) -> None:
     _RESULT.flush()
 
 
-def _json_stdout() -> None:
+@contextlib.contextmanager
+def _json_stdout() -> Iterator[None]:
     """For ``--json``: keep the real stdout for the JSON alone. Everything else written to file descriptor 1 (the
-    training subprocess TorchDistributor relays, progress bars, libraries that print) goes to stderr."""
+    training subprocess TorchDistributor relays, progress bars, libraries that print) goes to stderr while the
+    command runs; afterwards file descriptor 1 is the real stdout again (``main`` may be called in-process)."""
     global _RESULT
     sys.stdout.flush()
-    _RESULT = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    saved = os.dup(1)
+    _RESULT = os.fdopen(os.dup(saved), "w", encoding="utf-8")
     os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        _RESULT.close()
+        _RESULT = sys.stdout
 
 
 def _context(cfg: Config) -> tuple[Any, Any]:
@@ -528,10 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"tao: config error: {e}", file=sys.stderr)
         return 2
-    if getattr(args, "json", False):
-        _json_stdout()
     try:
-        return COMMANDS[args.command][1](args, cfg)
+        with _json_stdout() if getattr(args, "json", False) else contextlib.nullcontext():
+            return COMMANDS[args.command][1](args, cfg)
     except UserError as e:
         if args.debug:
             raise

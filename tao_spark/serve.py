@@ -710,8 +710,10 @@ def create_app(service: Service) -> FastAPI:
                              "finish_reason": out["finish_reason"], "logprobs": None}],
                 "usage": _usage(out)}, headers=headers)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        engine = service.models.pick(service.arm_for(req["model"], user))  # who answers, as for a plain response
         return StreamingResponse(_stream(service, req, user, created, request_id), media_type="text/event-stream",
-                                 headers={"x-request-id": request_id})
+                                 headers={"x-request-id": request_id, "x-tao-arm": engine.arm,
+                                          "x-tao-model-version": engine.version})
 
     @app.post("/v1/feedback")
     async def feedback(request: Request) -> Any:

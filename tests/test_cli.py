@@ -115,6 +115,18 @@ def test_every_json_command_prints_json_alone(home: Path, args: list[str]) -> No
     json.loads(p.stdout)  # the whole of stdout, not its last line
 
 
+def test_json_mode_gives_stdout_back_when_main_returns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capfd: pytest.CaptureFixture[str]) -> None:
+    """A job may call main() in-process: after a --json command, file descriptor 1 is the real stdout again."""
+    from tao_spark.cli import main
+
+    monkeypatch.setenv("TAO_HOME", str(tmp_path / "home"))
+    assert main(["sql", "SELECT 1 AS one", "--json"]) == 0
+    os.write(1, b"after\n")
+    out, _ = capfd.readouterr()
+    assert out.splitlines() == ['[{"one": 1}]', "after"]
+
+
 def test_tables_lists_rows_and_versions(home: Path) -> None:
     out = tao(home, "tables").stdout
     got = {line.split()[0]: line.split()[1:3] for line in out.splitlines()[2:]}

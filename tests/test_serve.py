@@ -320,6 +320,12 @@ def test_models_auth_scheme_and_health(live: tuple[int, Any]) -> None:
     for extra in ({"response_format": {"type": "json_object"}}, {"tools": [{"type": "function"}]}):
         status, err = _post(port, "/v1/chat/completions", json.dumps({**body, **extra}).encode())
         assert status == 400 and "supported" in err["error"]["message"]
+    streamed = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                      data=json.dumps({**body, "stream": True}).encode(),
+                                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(streamed, timeout=60) as r:  # a stream says who answers, as a plain answer does
+        assert r.headers["x-tao-arm"] in ("champion", "challenger") and r.headers["x-tao-model-version"]
+        assert r.read().endswith(b"data: [DONE]\n\n")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
         assert json.loads(r.read()) == {"status": "ok"}  # no key: up or not, nothing about the models
     req = urllib.request.Request(f"http://127.0.0.1:{port}/health", headers={"Authorization": f"Bearer {KEY}"})
