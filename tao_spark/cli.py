@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tao_spark.config import Config, ConfigError, UserError, default_config_path, load_config
+from tao_spark.config import STAGES, Config, ConfigError, UserError, default_config_path, load_config
 
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 Handler = Callable[[argparse.Namespace, Config], int]
@@ -405,12 +405,7 @@ def _stage(name: str) -> Handler:
     return run
 
 
-for _name, _help in [("generate", "sample N candidates per training prompt"),
-                     ("score", "score every candidate with the configured rewards"),
-                     ("select", "build best-vs-worst preference pairs"),
-                     ("train", "fine-tune the policy on the round's pairs (TorchDistributor + TRL + LoRA)"),
-                     ("evaluate", "compare the tuned model with the baseline on held-out prompts"),
-                     ("register", "log the round to MLflow, register the model, apply the gate")]:
+for _name, _help in STAGES.items():
     command(_name, _help, _stage_args)(_stage(_name))
 
 

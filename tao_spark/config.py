@@ -45,6 +45,18 @@ def _check(ok: bool, key: str, why: str) -> None:
         raise ConfigError(f"{key}: {why}")
 
 
+# The stages of a round, in order, with what each does: the one list the loop, the CLI and the benchmarks read
+# (here, not in loop.py, so the CLI lists them without importing Spark; most have a section below).
+STAGES: dict[str, str] = {
+    "generate": "sample N candidates per training prompt",
+    "score": "score every candidate with the configured rewards",
+    "select": "build best-vs-worst preference pairs",
+    "train": "fine-tune the policy on the round's pairs (TorchDistributor + TRL + LoRA)",
+    "evaluate": "compare the tuned model with the baseline on held-out prompts",
+    "register": "log the round to MLflow, register the model, apply the gate",
+}
+
+
 @dataclass
 class SparkConfig:
     remote: str | None = _f(None, "Spark Connect URL (sc://host:port); None starts an embedded Sail server")
@@ -235,6 +247,7 @@ class RewardModelConfig:
     holdout_fraction: float = _f(0.2, "share of preference_pairs held out for accuracy (stable by pair_id)")
     max_length: int = _f(256, "tokens of prompt + answer; longer prompts are cut from the left, keeping the answer")
     num_processes: int = _f(1, "TorchDistributor processes")
+    local_mode: bool | None = _f(None, "as train.local_mode: unset follows the session (executors on a cluster)")
     use_gpu: bool = _f(False, "train on GPUs")
     lora_r: int = _f(16, "LoRA rank")
     lora_alpha: int = _f(32, "LoRA alpha")

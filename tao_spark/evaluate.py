@@ -23,7 +23,7 @@ from tao_spark import generate, score
 from tao_spark.config import Config
 from tao_spark.models import model_id
 from tao_spark.rounds import Round, StageResult, forgetting_sample, policy, split, versions
-from tao_spark.tables import SCHEMAS, Tables, columns
+from tao_spark.tables import Tables, columns
 
 ARMS = ("challenger", "champion")
 
@@ -158,7 +158,7 @@ def compare(
         "winner": frame.winner, "created_at": pd.Timestamp.now(tz="UTC"),
     }, columns=columns("evaluations"))
     if len(rows):
-        tables.merge("evaluations", tables.spark.createDataFrame(rows, SCHEMAS["evaluations"]), update=True)
+        tables.merge("evaluations", tables.frame("evaluations", rows), update=True)
     return Evaluation(metrics, per_task, frame)
 
 

@@ -144,7 +144,6 @@ def sample(
     ``prompts`` has at least prompt_id, task and messages. Returns counts for this call (0 when all done).
     """
     sampling = Sampling.of(cfg, model.dtype)
-    spark = tables.spark
     tables.ensure("candidates")
     total = prompts.count()
     reused = _reuse(tables, _missing(tables, prompts, round_id, purpose, sampling.n), round_id=round_id,
@@ -173,7 +172,7 @@ def sample(
         # Materialise the chunk once, then MERGE from those rows: a MERGE whose source is the UDF may
         # evaluate its source twice (delta-spark does), which would sample twice. A chunk is small.
         rows = src.mapInPandas(worker, CANDIDATE_SCHEMA).toPandas()
-        tables.merge("candidates", spark.createDataFrame(rows, CANDIDATE_SCHEMA))
+        tables.merge("candidates", tables.frame("candidates", rows))
         tokens += int(rows["tokens"].sum())
         cands += len(rows)
         el = time.perf_counter() - t0
@@ -211,4 +210,5 @@ def _reuse(tables: Tables, todo: DataFrame, *, round_id: str, purpose: str, poli
             .withColumn("reused_from", F.concat_ws("/", "src_round", "src_purpose"))
             .withColumn("round_id", F.lit(round_id)).withColumn("purpose", F.lit(purpose))
             .select(*columns("candidates")))
-    return tables.merge("candidates", rows)
+    # Nothing to copy is the common case (a first round, a new policy): a look costs one job, a MERGE a dozen.
+    return 0 if pick.isEmpty() else tables.merge("candidates", rows)

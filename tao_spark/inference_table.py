@@ -29,7 +29,7 @@ import pyarrow as pa
 from pyspark.sql import SparkSession
 
 from tao_spark.config import IngestConfig, UserError
-from tao_spark.ingest import IngestResult, Reject, _frame, append, build_row
+from tao_spark.ingest import IngestResult, Reject, append, build_row
 from tao_spark.tables import Tables, _quote, is_jvm_spark
 
 PAYLOAD_COLUMNS = ("databricks_request_id", "client_request_id", "request_date", "request_time", "status_code",
@@ -276,7 +276,7 @@ def ingest_table(spark: SparkSession, tables: Tables, source: str, cfg: IngestCo
     if table is not None:
         mark = {"source": source, "version": end, "rows": n, "batch_id": result.batch_id,
                 "updated_at": datetime.now(UTC)}
-        tables.merge("ingest_watermarks", _frame(spark, "ingest_watermarks", [mark]), update=True,
+        tables.merge("ingest_watermarks", tables.frame("ingest_watermarks", [mark]), update=True,
                      retries=cfg.commit_retries)
     result.source_version, result.source_rows = end, n
     return result

@@ -16,7 +16,7 @@ import pandas as pd
 from pyspark.sql import functions as F
 
 from tao_spark.config import UserError
-from tao_spark.tables import SCHEMAS, Tables, columns
+from tao_spark.tables import Tables, columns
 
 
 class Busy(UserError):
@@ -45,7 +45,7 @@ def acquire(tables: Tables, name: str, lease_s: int) -> str:
                    f"{others[0].acquired_at:%Y-%m-%d %H:%M:%S} (lease until {others[0].expires_at:%H:%M:%S})")
     row = pd.DataFrame([{"name": name, "holder": holder, "acquired_at": now,
                          "expires_at": now + timedelta(seconds=lease_s)}], columns=columns("locks"))
-    tables.merge("locks", tables.spark.createDataFrame(row, SCHEMAS["locks"]))
+    tables.merge("locks", tables.frame("locks", row))
     winner = _first_live_holder(tables, name, now)
     if winner != holder:
         release(tables, name, holder)

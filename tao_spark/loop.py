@@ -21,19 +21,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from tao_spark import coverage, evaluate, generate, registry, score, select, train
+from tao_spark.config import STAGES as NAMES
 from tao_spark.config import Config, UserError
 from tao_spark.locks import acquire, release
 from tao_spark.rounds import Round, StageResult, count_new, finished, latest_open, save
 from tao_spark.tables import TableNotFound, Tables
 
-STAGES: dict[str, Callable[[Tables, Round, Config], StageResult]] = {
-    "generate": generate.run,  # N candidates per training prompt, by the round's policy
-    "score": score.run,  # every reward on every candidate
-    "select": select.run,  # best vs. worst per prompt: preference pairs
-    "train": train.run,  # DPO (or SFT on the best) with LoRA, through TorchDistributor
-    "evaluate": evaluate.run,  # tuned vs. baseline on held-out prompts: win rate with its interval
-    "register": registry.run,  # MLflow run and model version; the gate moves the champion alias
-}
+# Each stage's entry, in the order config.STAGES gives: a Delta table in, a Delta table out (ARCHITECTURE.md).
+STAGES: dict[str, Callable[[Tables, Round, Config], StageResult]] = dict(zip(
+    NAMES, (generate.run, score.run, select.run, train.run, evaluate.run, registry.run), strict=True))
 
 
 def start(tables: Tables, cfg: Config) -> Round | None:
@@ -61,8 +57,6 @@ def start(tables: Tables, cfg: Config) -> Round | None:
         new_prompts=count_new(tables, version, previous),
     )
     save(tables, rnd, cfg)  # the row first: a kill before the run exists leaves a round that opens it on resume
-    rnd.mlflow_run_id = registry.open_run(cfg, rnd.round_id)
-    save(tables, rnd, cfg)
     print(f"tao: round {rnd.round_id} on prompts@v{version} ({rnd.new_prompts} new), policy {rnd.base_model}, "
           f"baseline {rnd.baseline_model}", file=sys.stderr)
     # Before generating: which rewards will read these prompts, and which tasks would be tuned on the floor only.
@@ -70,6 +64,9 @@ def start(tables: Tables, cfg: Config) -> Round | None:
     for line in coverage.warnings(cov):
         print(f"tao: coverage: {line}", file=sys.stderr)
     rnd.metrics["coverage"] = cov
+    # The run, its first metrics and the row that names it, back to back: each write of `rounds` is a MERGE (seconds
+    # on a cluster), and a kill between the two leaves at worst an empty run behind.
+    rnd.mlflow_run_id = registry.open_run(cfg, rnd.round_id)
     registry.log_stage(cfg, rnd.mlflow_run_id, coverage.metrics(cov))
     save(tables, rnd, cfg)
     return rnd

@@ -123,8 +123,8 @@ def train(pairs: list[dict[str, Any]], backbone_path: str, out_dir: str, cfg: Re
     Returns ``{"metrics": {...}, "loss_history": [...], "holdout": [...rows for holdout_metrics]}``; the merged
     model is in ``<out_dir>/model``. Needs an active SparkSession (the distributor reads its conf from it).
     """
-    from pyspark import cloudpickle
-    from pyspark.ml.torch.distributor import TorchDistributor
+    from tao_spark.config import TrainConfig
+    from tao_spark.train import launch
 
     train_rows = [p for p in pairs if not is_holdout(p["pair_id"], cfg.holdout_fraction)]
     holdout_rows = [p for p in pairs if is_holdout(p["pair_id"], cfg.holdout_fraction)]
@@ -142,16 +142,11 @@ def train(pairs: list[dict[str, Any]], backbone_path: str, out_dir: str, cfg: Re
             "use_gpu": cfg.use_gpu,
             "lora": {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
                      "target_modules": list(cfg.lora_target_modules)}}
-    # torchrun workers need not have tao_spark installed: this module and the encoding it uses travel by value.
-    modules = [sys.modules[__name__], sys.modules[encode.__module__]]
-    for module in modules:
-        cloudpickle.register_pickle_by_value(module)
-    try:
-        TorchDistributor(num_processes=cfg.num_processes, local_mode=True, use_gpu=cfg.use_gpu).run(
-            reward_worker, spec)
-    finally:
-        for module in modules:
-            cloudpickle.unregister_pickle_by_value(module)
+    # The policy's launcher: on a cluster the reward model trains on the executors too (its folder must then be
+    # on storage they share, as the policy's is). The encoding it scores with travels with the worker.
+    launch(reward_worker, spec, TrainConfig(num_processes=cfg.num_processes, use_gpu=cfg.use_gpu,
+                                            local_mode=cfg.local_mode),
+           by_value=[sys.modules[encode.__module__]], what="reward model")
     if not (out / "metrics.json").exists():
         raise RuntimeError(f"reward training finished without writing {out / 'metrics.json'}; see the worker log")
     report = json.loads((out / "metrics.json").read_text())

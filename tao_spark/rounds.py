@@ -21,16 +21,15 @@ import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from tao_spark.config import Config, UserError, git_commit
+from tao_spark.config import STAGES, Config, UserError, git_commit
 from tao_spark.models import model_id, resolve_model
-from tao_spark.tables import SCHEMAS, Tables, columns
+from tao_spark.tables import Tables, columns
 
 
 class RoundNotFound(UserError, LookupError):
     """A round id that ``rounds`` does not have."""
 
 
-STAGES = ("generate", "score", "select", "train", "evaluate", "register")
 HOLDOUT_BUCKETS = 10_000
 
 
@@ -63,7 +62,8 @@ class Round:
     finished_at: datetime | None = None
 
     def done(self, stage: str) -> bool:
-        return self.status == "done" or (self.status in STAGES and STAGES.index(self.status) >= STAGES.index(stage))
+        order = list(STAGES)
+        return self.status == "done" or (self.status in STAGES and order.index(self.status) >= order.index(stage))
 
 
 @dataclasses.dataclass
@@ -86,7 +86,7 @@ def save(tables: Tables, rnd: Round, cfg: Config) -> None:
     row = {**dataclasses.asdict(rnd), "metrics": json.dumps(rnd.metrics, default=float),
            "config_hash": cfg.digest(), "git_commit": git_commit()}
     pdf = pd.DataFrame([row], columns=columns("rounds"))
-    tables.merge("rounds", tables.spark.createDataFrame(pdf, SCHEMAS["rounds"]), update=True)
+    tables.merge("rounds", tables.frame("rounds", pdf), update=True)
 
 
 def load(tables: Tables, round_id: str) -> Round:

@@ -311,4 +311,4 @@ def _reuse(tables: Tables, cands: DataFrame, *, round_id: str, purpose: str, key
             .where((F.col("round_id") == F.col("src_round")) & (F.col("purpose") == F.col("src_purpose")))
             .withColumn("round_id", F.lit(round_id)).withColumn("purpose", F.lit(purpose))
             .select(*columns("scores")))
-    return tables.merge("scores", rows)
+    return 0 if src.isEmpty() else tables.merge("scores", rows)  # most rounds reuse nothing: skip the MERGE

@@ -243,8 +243,8 @@ def write_records(tables: Tables, cfg: Config, records: list[SpoolRecord]) -> di
     """
     import pyarrow as pa
 
-    from tao_spark.ingest import _escape, _frame, arrow_schema
-    from tao_spark.tables import KEYS
+    from tao_spark.ingest import _escape
+    from tao_spark.tables import KEYS, arrow_schema
 
     now = datetime.now(UTC)
     by_table: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = {}
@@ -276,7 +276,7 @@ def write_records(tables: Tables, cfg: Config, records: list[SpoolRecord]) -> di
     # prompts first: a serving_log row then never names a prompt the log does not have.
     for name in sorted(by_table, key=lambda n: n != "prompts"):
         rows = list(by_table[name].values())
-        written[name] = tables.merge(name, _frame(tables.spark, name, rows), update=name == "feedback",
+        written[name] = tables.merge(name, tables.frame(name, rows), update=name == "feedback",
                                      retries=cfg.ingest.commit_retries)
     return written
 

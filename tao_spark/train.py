@@ -29,6 +29,9 @@ from typing import TYPE_CHECKING, Any
 from tao_spark.config import TrainConfig
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from types import ModuleType
+
     import pandas as pd
     from pyspark.sql import SparkSession
 
@@ -215,6 +218,41 @@ def runs_here(cfg: TrainConfig, spark: SparkSession) -> bool:
     return str(spark.conf.get("spark.master", "local")).startswith("local")
 
 
+def launch(fn: Callable[[dict[str, Any]], None], spec: dict[str, Any], cfg: TrainConfig, *,
+           deepspeed_config: str | None = None, by_value: Sequence[ModuleType] = (), what: str = "train",
+           spark: SparkSession | None = None) -> float:
+    """Run ``fn(spec)`` in ``cfg.num_processes`` torchrun processes through Spark's distributor; the one launcher of
+    every training job (the policy, the reward model). Returns its wall seconds.
+
+    Where it runs follows the session (``runs_here``) unless ``cfg.local_mode`` says, and the round's output says
+    where. ``fn``'s module and ``by_value`` travel to the workers by value, so they need not have tao_spark
+    installed (a source checkout, or an executor image without our wheel).
+    """
+    from pyspark import cloudpickle
+    from pyspark.sql import SparkSession
+
+    try:
+        active = SparkSession.active()
+    except Exception as e:
+        raise RuntimeError("TorchDistributor needs an active SparkSession: start one first "
+                           "(tao_spark.session.get_spark) or pass spark=") from e
+    if spark is not None and spark is not active:
+        raise ValueError("spark= is not the active SparkSession, and TorchDistributor only uses the active one")
+    cfg = dataclasses.replace(cfg, local_mode=runs_here(cfg, active))
+    where = "this machine" if cfg.local_mode else f"the executors of {active.conf.get('spark.master', '?')}"
+    print(f"tao: {what}: {cfg.num_processes} process(es) on {where}", file=sys.stderr, flush=True)
+    modules = list(dict.fromkeys([sys.modules[fn.__module__], *by_value]))
+    for module in modules:
+        cloudpickle.register_pickle_by_value(module)
+    t0 = time.perf_counter()
+    try:
+        distributor_for(cfg, deepspeed_config).run(fn, spec)
+    finally:
+        for module in modules:
+            cloudpickle.unregister_pickle_by_value(module)
+    return time.perf_counter() - t0
+
+
 def train_on_pairs(pairs: pd.DataFrame, model_path: str, out_dir: str, cfg: TrainConfig, *, seed: int = 0,
                    spark: SparkSession | None = None) -> TrainResult:
     """Fine-tune ``model_path`` on ``pairs`` with a LoRA adapter, through Spark's TorchDistributor.
@@ -242,34 +280,11 @@ def train_on_pairs(pairs: pd.DataFrame, model_path: str, out_dir: str, cfg: Trai
     >>> result.metrics["train_loss_last"] < result.metrics["train_loss_first"]  # doctest: +SKIP
     True
     """
-    from pyspark import cloudpickle
-    from pyspark.sql import SparkSession
-
     records = _records(pairs, cfg.method)
-    try:
-        active = SparkSession.active()
-    except Exception as e:
-        raise RuntimeError("TorchDistributor needs an active SparkSession: start one first "
-                           "(tao_spark.session.get_spark) or pass spark=") from e
-    if spark is not None and spark is not active:
-        raise ValueError("spark= is not the active SparkSession, and TorchDistributor only uses the active one")
-
-    cfg = dataclasses.replace(cfg, local_mode=runs_here(cfg, active))
-    where = "this machine" if cfg.local_mode else f"the executors of {active.conf.get('spark.master', '?')}"
-    print(f"tao: train: {cfg.num_processes} process(es) on {where}", file=sys.stderr, flush=True)
     spec = worker_spec(records, model_path, out_dir, cfg, seed)
     out, deepspeed_config = Path(spec["out_dir"]), spec["args"].get("deepspeed")
     _drop_stale_checkpoints(out, spec)
-    # The torchrun workers unpickle train_worker; shipping this module by value means they need not have
-    # tao_spark installed (a source checkout, or an executor image without our wheel).
-    module = sys.modules[__name__]
-    cloudpickle.register_pickle_by_value(module)
-    t0 = time.perf_counter()
-    try:
-        distributor_for(cfg, deepspeed_config).run(train_worker, spec)
-    finally:
-        cloudpickle.unregister_pickle_by_value(module)
-    wall_s = time.perf_counter() - t0
+    wall_s = launch(train_worker, spec, cfg, deepspeed_config=deepspeed_config, spark=spark)
 
     metrics_path = out / "metrics.json"
     if not metrics_path.exists():

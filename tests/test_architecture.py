@@ -30,9 +30,9 @@ def test_every_stage_has_the_same_entry() -> None:
     import inspect
 
     from tao_spark import loop
-    from tao_spark.rounds import STAGES
+    from tao_spark.config import STAGES
 
-    assert tuple(loop.STAGES) == STAGES
+    assert tuple(loop.STAGES) == tuple(STAGES)
     for name, run in loop.STAGES.items():
         assert run.__name__ == "run", name
         assert list(inspect.signature(run).parameters) == ["tables", "rnd", "cfg"], name
