@@ -430,18 +430,37 @@ def _serve(a: argparse.Namespace, cfg: Config) -> int:
 
 
 def _ab_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["report", "pairs"],
+    p.add_argument("action", choices=["report", "pairs", "replay"],
                    help="report: compare the arms' ratings and latency; pairs: turn opposite ratings of answers "
-                        "to one prompt into preference_pairs (source feedback)")
+                        "to one prompt into preference_pairs (source feedback); replay: send a round's held-out "
+                        "prompts through tao serve with a challenger share and compare the arms' rewards")
     p.add_argument("--min-rated", type=int, default=30, help="rated answers per arm before a winner is named")
+    p.add_argument("--round", dest="round_id", help="replay: the round (default: the latest with a registered model)")
+    p.add_argument("--share", type=float, default=0.5, help="replay: share of users sent to the challenger")
+    p.add_argument("--url", help="replay: a running server's /v1 URL (default: one started for the replay, serving "
+                                 "the round's baseline and its tuned version)")
+    p.add_argument("--api-key", default=os.environ.get("TAO_API_KEY"), help="replay: key for --url ($TAO_API_KEY)")
+    p.add_argument("--max-prompts", type=int, default=0, help="replay: cap on prompts (0 = all held out)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-@command("ab", "A/B of the served arms: rating rates with 95% intervals, latency, verdict", _ab_args)
+@command("ab", "A/B of the served arms: ratings on live traffic, or a replay of held-out prompts", _ab_args)
 def _ab(a: argparse.Namespace, cfg: Config) -> int:
     from tao_spark import serve
 
     _, tables = _context(cfg)
+    if a.action == "replay":
+        rep = serve.replay(tables, cfg, round_id=a.round_id, share=a.share, url=a.url, api_key=a.api_key,
+                           max_prompts=a.max_prompts)
+        if a.json:
+            emit(json.dumps(rep))
+            return 0
+        print(f"A/B replay of round {rep['round_id']}: {rep['prompts']} held-out prompts, challenger share "
+              f"{rep['share']}")
+        print_table([{"arm": arm, **{k: round(v, 3) if isinstance(v, float) else v for k, v in m.items()}}
+                     for arm, m in rep["arms"].items()])
+        print(rep["verdict"])
+        return 0
     if a.action == "pairs":
         n = serve.feedback_pairs(tables, cfg)
         emit(json.dumps({"pairs": n}) if a.json else f"{n} new preference pairs from feedback")

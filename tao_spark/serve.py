@@ -294,14 +294,19 @@ class Engine:
 class Models:
     """The engine of each arm. ``engines[arm]`` is replaced whole, so a request keeps the engine it started with."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, pinned: dict[str, str] | None = None) -> None:
         self.cfg = cfg
+        # Arms fixed to given models (a URI ``models:/name/N`` or a folder) instead of the registry's aliases: what
+        # `tao ab replay` serves, a round's baseline against its tuned version.
+        self.pinned = pinned
         self.engines: dict[str, Engine] = {}
         self.refresh()
         if "champion" not in self.engines:
             raise RuntimeError(f"serve: nothing to serve: no registered {self.cfg.serve.model} and no model.path")
 
     def _spec(self, arm: str) -> str | None:
+        if self.pinned is not None:
+            return None
         if arm == "champion":
             return self.cfg.serve.model
         if self.cfg.serve.challenger_share > 0 and "@" in self.cfg.serve.model:
@@ -335,9 +340,12 @@ class Models:
         for arm in ARMS:
             spec = self._spec(arm)
             version = self._version(spec) if spec else None
-            if spec is not None and version is not None:
+            if self.pinned is not None and arm in self.pinned:
+                target = self.pinned[arm]
+                version = m[1] if (m := re.fullmatch(r"models:/[^@]+/(\d+)", target)) else None
+            elif spec is not None and version is not None:
                 target = f"{spec.rsplit('@', 1)[0]}/{version}"
-            elif arm == "champion":
+            elif arm == "champion" and self.pinned is None:
                 target = self.cfg.model.path
             else:
                 self.engines.pop(arm, None)
@@ -828,6 +836,142 @@ def ab_report(tables: Tables, min_rated: int = 30) -> dict[str, Any]:
                        "rating_rate": r.positives / r.rated if r.rated else float("nan"), "ci_low": low,
                        "ci_high": high, "p50_ms": float(r.p50_ms), "p95_ms": float(r.p95_ms)}
     return {"arms": arms, "verdict": verdict(arms, min_rated)}
+
+
+def replay(tables: Tables, cfg: Config, *, round_id: str | None = None, share: float = 0.5, url: str | None = None,
+           api_key: str | None = None, max_prompts: int = 0, max_tokens: int | None = None) -> dict[str, Any]:
+    """A/B before deploy: a round's held-out prompts sent through an OpenAI-compatible `tao serve` with a challenger
+    share, every answer scored by the configured rewards; per arm the mean reward with a bootstrap 95% interval,
+    answer tokens and latency, and the challenger-minus-champion difference with its interval. The report goes to
+    the round's MLflow run (metrics ``ab_replay_*`` and ``ab_replay.json``).
+
+    Without ``url`` a server is started on a free loopback port for the replay, its champion arm the round's
+    baseline and its challenger the round's registered version, capture off (replayed prompts are already in the
+    log). With ``url`` the prompts go to a running server, whose own aliases decide what each arm serves. Each
+    prompt is a user of its own (``X-User-Id``), so the server's sticky split sends ``share`` of them to the
+    challenger.
+    """
+    import dataclasses as dc
+
+    import numpy as np
+    import pandas as pd
+    from openai import OpenAI
+    from pyspark.sql import functions as F
+
+    from tao_spark.config import UserError
+    from tao_spark.rounds import finished, load
+    from tao_spark.score import COMBINED, score_frame
+
+    if not 0 < share < 1:
+        raise UserError("--share must be in (0, 1): both arms need traffic")
+    done = [r for r in finished(tables) if r.model_version] if round_id is None else [load(tables, round_id)]
+    if not done or not done[-1].model_version:
+        raise UserError(f"round {round_id} has no registered model yet: run `tao round` to its end first" if round_id
+                        else "no round has registered a model yet: run `tao round` first")
+    rnd = done[-1]
+    held = (tables.read("evaluations").where(F.col("round_id") == rnd.round_id).select("prompt_id", "task")
+            .join(tables.read("prompts").select("prompt_id", F.to_json("messages").alias("messages_json")),
+                  "prompt_id").orderBy("prompt_id").toPandas())
+    if max_prompts:
+        held = held.head(max_prompts)
+    if held.empty:
+        raise UserError(f"round {rnd.round_id} has no held-out prompts in evaluations to replay")
+    pinned = {"champion": rnd.baseline_model, "challenger": f"models:/{cfg.mlflow.model_name}/{rnd.model_version}"}
+    server = None
+    if url is None:
+        port = _free_loopback_port()
+        scfg = dc.replace(cfg.serve, host="127.0.0.1", port=port, auth=False, capture=False, challenger_share=share,
+                          poll_interval_s=0)
+        service = Service(dc.replace(cfg, serve=scfg), None, models=Models(cfg, pinned=pinned))
+        server = _background_server(service, port)
+        url = f"http://127.0.0.1:{port}/v1"
+    client = OpenAI(base_url=url, api_key=api_key or "none", max_retries=3, timeout=600)
+    rows = []
+    try:
+        for i, r in enumerate(held.itertuples(index=False)):
+            t0 = time.perf_counter()
+            raw = client.chat.completions.with_raw_response.create(
+                model=cfg.mlflow.model_name, messages=json.loads(r.messages_json), temperature=0,
+                max_tokens=max_tokens or cfg.evaluate.max_new_tokens,
+                extra_headers={"X-User-Id": f"tao-ab-replay-{r.prompt_id}"})
+            out = raw.parse()
+            rows.append({"prompt_id": r.prompt_id, "task": r.task, "messages_json": r.messages_json,
+                         "completion": out.choices[0].message.content or "", "arm": raw.headers.get("x-tao-arm"),
+                         "version": raw.headers.get("x-tao-model-version"),
+                         "tokens": out.usage.completion_tokens if out.usage else 0,
+                         "latency_ms": (time.perf_counter() - t0) * 1000})
+            print(f"tao: ab replay: {i + 1}/{len(held)} prompts", file=sys.stderr, flush=True)
+    finally:
+        if server is not None:
+            server.should_exit = True
+    frame = pd.DataFrame(rows)
+    frame["candidate_idx"] = 0
+    frame["reward"] = score_frame(frame, list(cfg.score.rewards), cfg.score)[COMBINED].to_numpy()
+    rng = np.random.default_rng(0)
+
+    def boot(values: np.ndarray) -> tuple[float, float]:
+        if len(values) < 2:
+            return float("nan"), float("nan")
+        means = values[rng.integers(0, len(values), (2000, len(values)))].mean(axis=1)
+        return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+    arms: dict[str, Any] = {}
+    for arm, part in frame.groupby("arm"):
+        low, high = boot(part["reward"].to_numpy(dtype=float))
+        arms[str(arm)] = {"requests": len(part), "version": str(part["version"].iloc[0]),
+                          "reward": float(part["reward"].mean()), "reward_low": low, "reward_high": high,
+                          "tokens": float(part["tokens"].mean()),
+                          "p50_ms": float(np.percentile(part["latency_ms"], 50)),
+                          "p95_ms": float(np.percentile(part["latency_ms"], 95))}
+    report: dict[str, Any] = {"round_id": rnd.round_id, "prompts": len(frame), "share": share, "url": url if
+                              server is None else None, "arms": arms}
+    report["answers"] = frame[["prompt_id", "task", "arm", "version", "reward", "tokens", "latency_ms"]].to_dict(
+        "records")
+    if set(arms) == set(ARMS):
+        a, b = (frame.loc[frame.arm == x, "reward"].to_numpy(dtype=float) for x in ("challenger", "champion"))
+        diffs = [rng.choice(a, len(a)).mean() - rng.choice(b, len(b)).mean() for _ in range(2000)]
+        report["difference"] = {"reward": float(a.mean() - b.mean()), "low": float(np.percentile(diffs, 2.5)),
+                                "high": float(np.percentile(diffs, 97.5))}
+        d = report["difference"]
+        report["verdict"] = ("challenger better" if d["low"] > 0 else "champion better" if d["high"] < 0
+                             else "no difference shown") + f": reward {d['reward']:+.3f} [{d['low']:+.3f}, " \
+                                                          f"{d['high']:+.3f}]"
+    else:
+        report["verdict"] = f"only {', '.join(arms)} answered: raise --share or replay more prompts"
+    if rnd.mlflow_run_id:
+        from mlflow import MlflowClient
+
+        from tao_spark.registry import log_stage, setup
+
+        log_stage(cfg, rnd.mlflow_run_id, {f"ab_replay_{arm}_{k}": v for arm, m in arms.items()
+                                           for k, v in m.items() if isinstance(v, float)})
+        setup(cfg)
+        MlflowClient().log_dict(rnd.mlflow_run_id, report, "ab_replay.json")
+    return report
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _background_server(service: Service, port: int) -> Any:
+    """uvicorn serving ``service`` on a thread of this process; returns once it accepts connections."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning",
+                                           access_log=False))
+    thread = threading.Thread(target=server.run, name="tao-ab-replay-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("ab replay: the local server did not start")
+        time.sleep(0.05)
+    return server
 
 
 def verdict(arms: dict[str, dict[str, Any]], min_rated: int) -> str:

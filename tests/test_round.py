@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -119,6 +120,25 @@ def test_round_end_to_end(spark, tmp_path, tiny_model):
         assert str(client.get_model_version_by_alias(cfg.mlflow.model_name, "champion").version) == rnd.model_version
     row = tables.read("rounds").where(F.col("round_id") == rnd.round_id).first()
     assert row.status == "done" and row.mlflow_run_id == rnd.mlflow_run_id and row.gate_reason
+
+    # A/B before deploy: the held-out prompts replayed through a real server (openai client, X-User-Id per prompt),
+    # the server's sticky split honoured, the baseline and the tuned version each on its arm, rewards scored.
+    from tao_spark.serve import assign_arm, replay
+
+    rep = replay(tables, cfg, share=0.5, max_tokens=4)
+    assert rep["round_id"] == rnd.round_id and rep["prompts"] == len(evals) == len(rep["answers"])
+    for a in rep["answers"]:
+        assert a["arm"] == assign_arm(f"tao-ab-replay-{a['prompt_id']}", 0.5)
+        assert a["version"] == (rnd.model_version if a["arm"] == "challenger" else a["version"])
+        assert math.isfinite(a["reward"]) and 1 <= a["tokens"] <= 4
+    assert sum(m["requests"] for m in rep["arms"].values()) == rep["prompts"]
+    assert all(m["reward_low"] <= m["reward"] <= m["reward_high"] for m in rep["arms"].values() if m["requests"] > 1)
+    if set(rep["arms"]) == {"champion", "challenger"}:
+        assert rep["arms"]["champion"]["version"].startswith("path:")  # the round's baseline: the base model folder
+        assert rep["difference"]["low"] <= rep["difference"]["reward"] <= rep["difference"]["high"]
+    logged = client.get_run(rnd.mlflow_run_id).data.metrics
+    assert {f"ab_replay_{arm}_reward" for arm in rep["arms"]} <= set(logged)
+    assert "ab_replay.json" in {a.path for a in client.list_artifacts(rnd.mlflow_run_id)}
 
     # Re-running a finished stage is a no-op; the next round is compared against the champion when there is one.
     assert loop.run_stage(tables, rnd, "select", cfg).metrics["pairs"] == rnd.metrics["pairs"]
