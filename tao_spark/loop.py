@@ -105,6 +105,7 @@ def run_round(tables: Tables, cfg: Config, *, new: bool = False,
 
     Returns None when there is nothing to do (no new prompts since the last promoted round).
     """
+    train.check_trl(cfg.train.trl, cfg.train.method, "train.trl")  # a misspelt option fails now, not at train
     rnd = None if new else latest_open(tables)
     if rnd is None:
         try:

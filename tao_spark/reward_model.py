@@ -234,8 +234,10 @@ def run(spark: SparkSession, tables: Tables, cfg: Config, *, name: str | None = 
     """``tao train-reward``: train on the current ``preference_pairs``, log to MLflow, register, maybe promote."""
     from tao_spark.models import resolve_model
     from tao_spark.rewards import reward_text
+    from tao_spark.train import check_trl
 
     rm = cfg.reward_model
+    check_trl(rm.trl, "reward", "reward_model.trl")
     version = tables.snapshot("preference_pairs")
     frame: Any = (tables.read("preference_pairs", version=version)
              .select("pair_id", "task", "messages", "chosen", "rejected").toPandas())

@@ -82,6 +82,47 @@ class TrainResult:
         "help": "TRL's per-step metrics (rewards/margins, rewards/accuracies, ...), one value per logged step"})
 
 
+TRL_CONFIGS = {"dpo": "DPOConfig", "sft": "SFTConfig", "sft_labels": "SFTConfig", "reward": "RewardConfig"}
+
+
+def trl_options(cls_name: str) -> set[str]:
+    """The option names of TRL's ``cls_name`` (``DPOConfig``, ``SFTConfig``, ``RewardConfig``), cached per TRL
+    version under ``~/.cache/tao_spark``: importing TRL to read them costs seconds, reading the cache nothing."""
+    from importlib.metadata import version
+
+    cache = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tao_spark"
+             / f"trl-{version('trl')}-options.json")
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if cls_name not in known:
+        import trl
+
+        known = {name: sorted(f.name for f in dataclasses.fields(getattr(trl, name))) for name in TRL_CONFIGS.values()}
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(known))
+        except OSError:
+            pass  # a read-only home: read TRL again next time
+    return set(known[cls_name])
+
+
+def check_trl(options: dict[str, Any], kind: str, key: str) -> None:
+    """Refuse a ``train.trl`` / ``reward_model.trl`` option TRL's config class of ``kind`` does not have, naming the
+    dotted key and the nearest real option: before a round generates, not minutes later in a torchrun worker."""
+    import difflib
+
+    from tao_spark.config import UserError
+
+    cls_name = TRL_CONFIGS[kind]
+    known = trl_options(cls_name)
+    for name in sorted(set(options) - known):
+        near = difflib.get_close_matches(name, sorted(known), n=1)
+        raise UserError(f"{key}.{name}: not an option of TRL's {cls_name}"
+                        + (f" (did you mean {key}.{near[0]}?)" if near else ""))
+
+
 def training_args(cfg: TrainConfig, out_dir: str, seed: int = 0, deepspeed_config: str | None = None) -> dict[str, Any]:
     """Keyword arguments for ``DPOConfig`` / ``SFTConfig``: CPU-sane defaults, then ``cfg.trl`` on top."""
     args: dict[str, Any] = {**_COMMON_DEFAULTS, **_METHOD_DEFAULTS[cfg.method]}

@@ -29,7 +29,13 @@ def _tao(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     (["train-reward"], "run `tao ingest-preferences FILE (the bundled set: tao_spark/data/preferences.jsonl)` first"),
     (["generate", "--round", "r-nope"], "table 'rounds' does not exist yet"),
     (["ingest", "--table", "/nowhere/x_payload"], "tao ingest: /nowhere/x_payload: no Delta table there"),
-], ids=["round-without-prompts", "train-reward-without-pairs", "stage-without-rounds", "missing-inference-table"])
+    # Checked against TRL's own config class before anything runs (before the missing prompts, too).
+    (["round", "train.trl.lerning_rate=0.1"],
+     "tao round: train.trl.lerning_rate: not an option of TRL's DPOConfig (did you mean train.trl.learning_rate?)"),
+    (["train-reward", "reward_model.trl.beta=0.1"], "tao train-reward: reward_model.trl.beta: not an option of TRL's "
+                                                    "RewardConfig"),
+], ids=["round-without-prompts", "train-reward-without-pairs", "stage-without-rounds", "missing-inference-table",
+        "misspelt-trl-option", "trl-option-of-another-trainer"])
 def test_a_fresh_home_gets_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
     r = _tao(tmp_path / "home", *args)
     assert r.returncode == 2, r.stderr[-3000:]

@@ -162,26 +162,8 @@ def _has_word(text: str, word: str) -> int:
 
 
 def _json_object(text: str) -> dict[str, Any] | None:
-    """The answer's JSON object: a fenced ```json block, the whole answer, or the first parseable {...} span."""
-    candidates = [m.group(1) for m in re.finditer(r"```(?:json)?\s*\n?(.*?)```", text, re.S | re.I)]
-    candidates.append(text.strip())
-    decoder = json.JSONDecoder()
-    for c in candidates:
-        try:
-            obj = json.loads(c)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(obj, dict):
-            return obj
-    # Bounded scan: a garbage completion full of braces must not make scoring quadratic.
-    for start in [m.start() for m in re.finditer(r"\{", text)][:64]:
-        try:
-            obj, _ = decoder.raw_decode(text, start)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(obj, dict):
-            return obj
-    return None
+    """The answer's JSON object: the first of its candidate JSON values (``_json_values``) that is an object."""
+    return next((v for v in _json_values(text) if isinstance(v, dict)), None)
 
 
 _BULLET = re.compile(r"^\s*[-*+] \S", re.M)
@@ -479,7 +461,8 @@ def sql_executes(prompts: list[str], completions: list[str], schema: str | None 
 # --- JSON schema, regex --------------------------------------------------------------------------------------------
 
 def _json_values(text: str) -> Iterator[Any]:
-    """Candidate JSON values of an answer: fenced blocks, the whole answer, then each {...} / [...] span."""
+    """Candidate JSON values of an answer: fenced blocks, the whole answer, then each {...} / [...] span. The scan
+    is bounded (64 starts): a garbage completion full of braces must not make scoring quadratic."""
     for c in [*(m.group(1) for m in re.finditer(r"```(?:json)?\s*\n?(.*?)```", text, re.S | re.I)), text.strip()]:
         try:
             yield json.loads(c)
