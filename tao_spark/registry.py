@@ -211,6 +211,8 @@ def log_policy(cfg: Config, merged_dir: str, adapter_dir: str, tmp: Path) -> Any
     return mlflow.pyfunc.log_model(
         name="model", python_model=str(Path(__file__).with_name("mlflow_chat_model.py")),
         artifacts={"hf": str(hf), "adapter": adapter_dir}, signature=chat_signature(),
+        # The decode path serve and the rounds use, for where the model is served without tao_spark installed.
+        code_paths=[str(Path(__file__).with_name("engines.py"))],
         input_example=(CHAT_EXAMPLE, {"max_tokens": 8}), pip_requirements=requirements(),
         model_config={"name": cfg.mlflow.model_name},
     )

@@ -134,3 +134,41 @@ def test_an_unknown_model_fails_in_one_line_and_creates_no_store(tmp_path: Path)
     with pytest.raises(ModelNotFound, match=r"not in the model registry at sqlite:.*registered models: tao-reward"):
         resolve_model("models:/nope@champion", str(home))
     assert not (cwd / "mlflow.db").exists()
+
+
+def test_the_logged_policy_answers_where_tao_spark_is_not_installed(tiny_model: Path, tmp_path: Path) -> None:
+    """The registered model decodes through the same engine as `tao serve` (one decode path), and carries that
+    engine's file with it: loaded in a process that cannot import tao_spark, as a serving host would, it answers."""
+    import json
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from tao_spark.config import load_config
+    from tao_spark.registry import log_policy
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    (tmp_path / "adapter").mkdir()
+    try:
+        with mlflow.start_run():
+            info = log_policy(load_config(None, [f"home={tmp_path / 'home'}"]), str(tiny_model),
+                              str(tmp_path / "adapter"), tmp_path)
+    finally:
+        mlflow.set_tracking_uri(None)  # the next test finds its store from its own config
+    script = (
+        "import json, sys\n"
+        "sys.modules['tao_spark'] = None  # importing it now fails, as where it is not installed\n"
+        "import mlflow\n"
+        f"mlflow.set_tracking_uri({f'sqlite:///{tmp_path}/mlflow.db'!r})\n"
+        f"m = mlflow.pyfunc.load_model({info.model_uri!r})\n"
+        "out = m.predict({'messages': [{'role': 'user', 'content': 'Hi'}]}, params={'max_tokens': 3})\n"
+        "print(json.dumps({'out': out, 'engine': sys.modules['engines'].__file__}))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    (answer,) = got["out"]
+    assert answer["object"] == "chat.completion" and 1 <= answer["usage"]["completion_tokens"] <= 3
+    assert got["engine"].endswith("code/engines.py")  # the copy logged with the model, not an installed package
