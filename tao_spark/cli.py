@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import re
 import sys
@@ -532,11 +533,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tao", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML config (default: conf/local.yaml or $TAO_CONFIG)")
     parser.add_argument("--debug", action="store_true", help="a traceback instead of one line for usage errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only on stderr, no progress lines")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug lines too")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help, _, add_args) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--config", default=argparse.SUPPRESS, help="YAML config")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         add_args(p)
     return parser
 
@@ -548,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [x for x in argv if OVERRIDE.match(x) and not Path(x).exists()]
     rest = [x for x in argv if x not in overrides]
     args = build_parser().parse_args(rest)
+    # The package's progress lines and warnings ("tao" logger, tao_spark/__init__.py): -q keeps the warnings only.
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.getLogger("tao").setLevel(level)
     try:
         path = args.config or default_config_path()
         cfg = load_config(path, overrides)

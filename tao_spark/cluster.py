@@ -17,6 +17,7 @@ HiveServer2's Thrift JDBC/ODBC protocol (what BI tools, ``beeline`` and notebook
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -27,6 +28,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("tao.cluster")
 
 MASTER_CLASS = "org.apache.spark.deploy.master.Master"
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
@@ -168,9 +171,8 @@ def start(home: str, *, workers: int = 2, cores: int = 2, memory: str = "3g", co
         state.connect_url, state.jdbc_url, state.pids["connect"] = _start_connect(home, state.master_url,
                                                                                   connect_cores, env, timeout_s)
         _save(home, state)
-    print(f"tao: cluster up in {time.perf_counter() - t0:.1f} s: {state.master_url} (UI {state.master_ui})"
-          + (f", Spark Connect {state.connect_url}, JDBC {state.jdbc_url}" if state.connect_url else ""),
-          file=sys.stderr)
+    log.info(f"tao: cluster up in {time.perf_counter() - t0:.1f} s: {state.master_url} (UI {state.master_ui})"
+             + (f", Spark Connect {state.connect_url}, JDBC {state.jdbc_url}" if state.connect_url else ""))
     return state
 
 

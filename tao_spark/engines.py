@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 import sys
 import threading
@@ -26,6 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+log = logging.getLogger("tao.engines")
 
 if TYPE_CHECKING:
     import torch
@@ -421,7 +424,7 @@ class VllmGenerator:
             try:
                 core.shutdown()
             except Exception as e:  # already gone with its process: nothing left to free
-                print(f"tao: vllm engine shutdown: {type(e).__name__}: {e}", file=sys.stderr)
+                log.warning(f"tao: vllm engine shutdown: {type(e).__name__}: {e}")
 
 
 _lock = threading.Lock()
@@ -442,7 +445,7 @@ def _evict(engine: str) -> None:
         if hasattr(gen, "close"):
             gen.close()
         del gen
-        print(f"tao: engine evicted {':'.join(key)} in pid {os.getpid()}", file=sys.stderr, flush=True)
+        log.info(f"tao: engine evicted {':'.join(key)} in pid {os.getpid()}")
     if len(same) >= KEEP[engine]:
         import gc
 
@@ -478,8 +481,7 @@ def get_generator(engine: str, model_path: str, dtype: str = "float32", batch_si
         name = f"{engine}:{model_path}:{dtype}"
         _loads[name] = _loads.get(name, 0) + 1
         # On a cluster this lands in the executor's stderr: where a reader checks one load per worker.
-        print(f"tao: engine load {name} in pid {os.getpid()} (load {_loads[name]} in this process)",
-              file=sys.stderr, flush=True)
+        log.info(f"tao: engine load {name} in pid {os.getpid()} (load {_loads[name]} in this process)")
         return _engines[key]
 
 

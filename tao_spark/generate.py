@@ -15,8 +15,8 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +31,8 @@ from pyspark.sql.window import Window
 from tao_spark.config import Config, GenerateConfig, ModelConfig
 from tao_spark.rounds import Round, StageResult, policy, split, versions
 from tao_spark.tables import SCHEMAS, Tables, columns
+
+log = logging.getLogger("tao.generate")
 
 CANDIDATE_SCHEMA = SCHEMAS["candidates"]
 
@@ -151,10 +153,10 @@ def sample(
     todo = _missing(tables, prompts, round_id, purpose, sampling.n)
     ids = sorted(r.prompt_id for r in todo.select("prompt_id").collect())
     if reused:
-        print(f"tao: generate[{purpose}]: reused {reused} candidates of earlier rounds (same policy, sampling "
-              "and seed)", file=sys.stderr)
+        log.info(f"tao: generate[{purpose}]: reused {reused} candidates of earlier rounds (same policy, sampling "
+                 "and seed)")
     if not ids:
-        print(f"tao: generate[{purpose}]: all {total} prompts have candidates", file=sys.stderr)
+        log.info(f"tao: generate[{purpose}]: all {total} prompts have candidates")
         return GenerateResult(total, 0, 0, 0, 0.0, reused)
     worker = functools.partial(
         _generate_partition, model_path=model_path, dtype=model.dtype, engine=cfg.engine,
@@ -176,8 +178,8 @@ def sample(
         tokens += int(rows["tokens"].sum())
         cands += len(rows)
         el = time.perf_counter() - t0
-        print(f"tao: generate[{purpose}]: {min(start + chunk, len(ids))}/{len(ids)} prompts, {cands} candidates, "
-              f"{tokens / el:.0f} tokens/s", file=sys.stderr)
+        log.info(f"tao: generate[{purpose}]: {min(start + chunk, len(ids))}/{len(ids)} prompts, {cands} candidates, "
+                 f"{tokens / el:.0f} tokens/s")
     return GenerateResult(total, len(ids), cands, tokens, time.perf_counter() - t0, reused)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +31,8 @@ from pyspark.sql import SparkSession
 from tao_spark.config import IngestConfig, UserError
 from tao_spark.ingest import IngestResult, Reject, append, build_row
 from tao_spark.tables import Tables, _quote, is_jvm_spark
+
+log = logging.getLogger("tao.inference_table")
 
 PAYLOAD_COLUMNS = ("databricks_request_id", "client_request_id", "request_date", "request_time", "status_code",
                    "sampling_fraction", "execution_duration_ms", "request", "response", "logging_error_codes",
@@ -177,8 +179,8 @@ class Source:
             try:
                 return self._changes(start, end), "change data feed"
             except Exception as e:  # CDF switched on after ``start``, or its files vacuumed
-                print(f"tao: ingest --table: no change data for v{start}..v{end} ({type(e).__name__}); "
-                      "reading the version diff", file=sys.stderr)
+                log.warning(f"tao: ingest --table: no change data for v{start}..v{end} ({type(e).__name__}); "
+                            "reading the version diff")
         return self._diff(start, end), "version diff"
 
     def _snapshot(self, version: int) -> pa.Table:
@@ -246,11 +248,10 @@ def ingest_table(spark: SparkSession, tables: Tables, source: str, cfg: IngestCo
     span = f"v{start if start is not None else 0}..v{end}"
     table = None
     if start is not None and start > end:
-        print(f"tao: ingest --table {source}: nothing committed after v{end}", file=sys.stderr)
+        log.warning(f"tao: ingest --table {source}: nothing committed after v{end}")
     else:
         table, how = src.rows(start, end)
-        print(f"tao: ingest --table {source}: {table.num_rows} rows of {span} ({kind} schema, {how})",
-              file=sys.stderr)
+        log.info(f"tao: ingest --table {source}: {table.num_rows} rows of {span} ({kind} schema, {how})")
     n = table.num_rows if table is not None else 0
     endpoint = endpoint_of(source)
 

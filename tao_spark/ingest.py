@@ -14,7 +14,7 @@ import dataclasses
 import gzip
 import hashlib
 import json
-import sys
+import logging
 import unicodedata
 import uuid
 import zlib
@@ -28,6 +28,8 @@ from pyspark.sql import SparkSession
 
 from tao_spark.config import IngestConfig, UserError
 from tao_spark.tables import Tables
+
+log = logging.getLogger("tao.ingest")
 
 ROLES = ("system", "user", "assistant")
 KNOWN_FIELDS = {"prompt", "messages", "task", "id", "metadata", "received_at"}
@@ -416,7 +418,7 @@ def append(
         bad.clear()
         chunks += 1
         if progress:
-            print(f"tao: ingest {target}: chunk {chunks} committed, {offered} read", file=sys.stderr, flush=True)
+            log.info(f"tao: ingest {target}: chunk {chunks} committed, {offered} read")
 
     for name, sha, records in sources:
         for lineno, raw, rec in records:
@@ -441,8 +443,8 @@ def append(
     tables.ensure(target)
     result = IngestResult(batch_id, offered, accepted, valid - accepted, quarantined, target,
                           tables.snapshot(target), reasons)
-    print(f"tao: ingest {target}: {offered} offered, {accepted} accepted, {result.duplicates} duplicates, "
-          f"{quarantined} quarantined -> {target} v{result.version}", file=sys.stderr)
+    log.info(f"tao: ingest {target}: {offered} offered, {accepted} accepted, {result.duplicates} duplicates, "
+             f"{quarantined} quarantined -> {target} v{result.version}")
     return result
 
 

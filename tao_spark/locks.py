@@ -7,8 +7,8 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -17,6 +17,8 @@ from pyspark.sql import functions as F
 
 from tao_spark.config import UserError
 from tao_spark.tables import Tables, columns
+
+log = logging.getLogger("tao.locks")
 
 
 class Busy(UserError):
@@ -37,7 +39,7 @@ def acquire(tables: Tables, name: str, lease_s: int) -> str:
     tables.ensure("locks")
     others = tables.read("locks").where((F.col("name") == name) & live).collect()
     for row in [r for r in others if _dead(r.holder)]:
-        print(f"tao: lock {name!r}: holder {row.holder} is no longer running; releasing its lock", file=sys.stderr)
+        log.warning(f"tao: lock {name!r}: holder {row.holder} is no longer running; releasing its lock")
         release(tables, name, row.holder)
         others.remove(row)
     if others:

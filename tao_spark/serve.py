@@ -28,7 +28,6 @@ import math
 import os
 import random
 import re
-import sys
 import threading
 import time
 import uuid
@@ -802,9 +801,8 @@ def serve(cfg: Config, tables: Tables | None) -> None:
 
     _check_port(cfg.serve.host, cfg.serve.port)  # before the model loads: a taken port fails in a second
     service = Service(cfg, tables if cfg.serve.capture else None)
-    print(f"tao serve: http://{cfg.serve.host}:{cfg.serve.port}/v1  arms: "
-          f"{ {a: e.version for a, e in service.models.engines.items()} }  capture: {service.capture}",
-          file=sys.stderr, flush=True)
+    log.info(f"tao serve: http://{cfg.serve.host}:{cfg.serve.port}/v1  arms: "
+             f"{ {a: e.version for a, e in service.models.engines.items()} }  capture: {service.capture}")
     # access_log off: paths and statuses only would be harmless, but one log line per request is noise at load.
     uvicorn.run(create_app(service), host=cfg.serve.host, port=cfg.serve.port, log_level="warning",
                 access_log=False)
@@ -900,7 +898,7 @@ def replay(tables: Tables, cfg: Config, *, round_id: str | None = None, share: f
                          "version": raw.headers.get("x-tao-model-version"),
                          "tokens": out.usage.completion_tokens if out.usage else 0,
                          "latency_ms": (time.perf_counter() - t0) * 1000})
-            print(f"tao: ab replay: {i + 1}/{len(held)} prompts", file=sys.stderr, flush=True)
+            log.info(f"tao: ab replay: {i + 1}/{len(held)} prompts")
     finally:
         if server is not None:
             server.should_exit = True

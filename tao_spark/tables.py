@@ -12,8 +12,8 @@ delta-spark on JVM Spark and Databricks (``DESCRIBE HISTORY``), by path or, with
 
 from __future__ import annotations
 
+import logging
 import random
-import sys
 import time
 import uuid
 import weakref
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tao_spark.config import UserError, is_namespace
+
+log = logging.getLogger("tao.tables")
 
 if TYPE_CHECKING:  # types only: SCHEMAS and columns serve the workers, which may run where pyspark is absent
     import pandas as pd
@@ -332,8 +334,8 @@ class Tables:
                         raise
                     # Jittered backoff so two racing writers do not collide again on the next version.
                     time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
-                    print(f"tao: {name}: commit conflict ({type(e).__name__}), retrying ({attempt + 1}/{retries})",
-                          file=sys.stderr)
+                    log.warning(f"tao: {name}: commit conflict ({type(e).__name__}), retrying "
+                                f"({attempt + 1}/{retries})")
             raise AssertionError("unreachable")
         finally:
             self.spark.catalog.dropTempView(view)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tao_spark.config import TrainConfig
+
+log = logging.getLogger("tao.train")
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -217,8 +220,7 @@ def labelled(prompts: pd.DataFrame, references: str) -> pd.DataFrame:
     keep = [(json.loads(m), by_key.get(pid) or by_key.get(cid or ""))
             for pid, cid, m in zip(prompts.prompt_id, prompts.client_id, prompts.messages_json, strict=True)]
     keep = [(m, r) for m, r in keep if r]
-    print(f"tao: train: sft_labels on {len(keep)} of {len(prompts)} training prompts with a reference",
-          file=sys.stderr)
+    log.info(f"tao: train: sft_labels on {len(keep)} of {len(prompts)} training prompts with a reference")
     return pd.DataFrame({"prompt": [m for m, _ in keep], "chosen": [r for _, r in keep]})
 
 
@@ -281,7 +283,7 @@ def launch(fn: Callable[[dict[str, Any]], None], spec: dict[str, Any], cfg: Trai
         raise ValueError("spark= is not the active SparkSession, and TorchDistributor only uses the active one")
     cfg = dataclasses.replace(cfg, local_mode=runs_here(cfg, active))
     where = "this machine" if cfg.local_mode else f"the executors of {active.conf.get('spark.master', '?')}"
-    print(f"tao: {what}: {cfg.num_processes} process(es) on {where}", file=sys.stderr, flush=True)
+    log.info(f"tao: {what}: {cfg.num_processes} process(es) on {where}")
     modules = list(dict.fromkeys([sys.modules[fn.__module__], *by_value]))
     for module in modules:
         cloudpickle.register_pickle_by_value(module)
@@ -346,7 +348,7 @@ def _drop_stale_checkpoints(out: Path, spec: dict[str, Any]) -> None:
                              default=str).encode())
     trainer_dir, stamp = Path(spec["args"]["output_dir"]), out / "checkpoint.sha256"
     if stamp.exists() and stamp.read_text() != digest.hexdigest() and trainer_dir.exists():
-        print(f"tao: train: pairs or arguments changed; dropping the checkpoints in {trainer_dir}", file=sys.stderr)
+        log.warning(f"tao: train: pairs or arguments changed; dropping the checkpoints in {trainer_dir}")
         shutil.rmtree(trainer_dir)
     stamp.write_text(digest.hexdigest())
 

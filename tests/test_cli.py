@@ -68,6 +68,17 @@ def test_ingest_human_output_and_override(tmp_path: Path) -> None:
     assert q == [{"line": 2, "reason": "text too long: 8001 > ingest.max_prompt_chars=8000"}]
 
 
+def test_progress_lines_go_to_stderr_and_quiet_keeps_warnings_only(tmp_path: Path) -> None:
+    f = lines(tmp_path / "p.jsonl", [{"prompt": "one"}, {"prompt": "two"}])
+    loud = tao(tmp_path / "home", "ingest", str(f))
+    assert "tao: ingest prompts: 2 offered, 2 accepted" in loud.stderr  # progress: the "tao" logger, on stderr
+    assert "tao: ingest" not in loud.stdout
+    again = tao(tmp_path / "home", "-q", "ingest", str(f))
+    assert "tao: ingest" not in again.stderr and "2 offered, 0 accepted, 2 duplicates" in again.stdout
+    again = tao(tmp_path / "home", "ingest", str(f), "--quiet")  # after the subcommand too
+    assert "tao: ingest" not in again.stderr
+
+
 def test_sql_json_is_an_array_of_row_objects(home: Path) -> None:
     p = tao(home, "sql", "SELECT p.task, count(*) AS n FROM prompts p WHERE p.task = 'default' "
             "GROUP BY p.task", "--json")
