@@ -247,8 +247,13 @@ class Tables:
             else:
                 self.spark.createDataFrame([], SCHEMAS[name]).write.format("delta").save(self.path(name))
         except Exception:
-            if not self.exists(name):
-                raise
+            # Another writer creating it at the same moment: its folder is there before its first commit is, and
+            # delta-spark refuses a non-empty folder that is not yet a table. Give that commit time to land.
+            for _ in range(100):
+                if self.exists(name):
+                    return
+                time.sleep(0.1)
+            raise
 
     def _require(self, name: str) -> None:
         if not self.exists(name):
