@@ -151,7 +151,8 @@ def test_the_logged_policy_answers_where_tao_spark_is_not_installed(tiny_model: 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     (tmp_path / "adapter").mkdir()
     try:
-        with mlflow.start_run():
+        # Its own experiment: the active one may be another test's, in another store.
+        with mlflow.start_run(experiment_id=mlflow.set_experiment("policy-without-tao-spark").experiment_id):
             info = log_policy(load_config(None, [f"home={tmp_path / 'home'}"]), str(tiny_model),
                               str(tmp_path / "adapter"), tmp_path)
     finally:
