@@ -877,7 +877,9 @@ def replay(tables: Tables, cfg: Config, *, round_id: str | None = None, share: f
     pinned = {"champion": rnd.baseline_model, "challenger": f"models:/{cfg.mlflow.model_name}/{rnd.model_version}"}
     server = None
     if url is None:
-        port = _free_loopback_port()
+        from tao_spark.cluster import _free_port
+
+        port = _free_port()
         scfg = dc.replace(cfg.serve, host="127.0.0.1", port=port, auth=False, capture=False, challenger_share=share,
                           poll_interval_s=0)
         service = Service(dc.replace(cfg, serve=scfg), None, models=Models(cfg, pinned=pinned))
@@ -946,14 +948,6 @@ def replay(tables: Tables, cfg: Config, *, round_id: str | None = None, share: f
         setup(cfg)
         MlflowClient().log_dict(rnd.mlflow_run_id, report, "ab_replay.json")
     return report
-
-
-def _free_loopback_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _background_server(service: Service, port: int) -> Any:
