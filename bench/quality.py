@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 from tao_spark.rewards import reward_text  # noqa: E402
+from tao_spark.rounds import read_evaluation  # noqa: E402
 
 ANSWERS = common.ROOT / "tao_spark" / "data" / "arithmetic_answers.json"
 
@@ -219,12 +220,14 @@ def collect(arm: str, home: Path, cfg_overrides: list[str], fixed: set[str] | No
     table.append(base)
     for i, r in enumerate(rounds, 1):
         m = json.loads(r["metrics"] or "{}")
+        ev = read_evaluation(m, r["round_id"])
         rows = rows_of(r["round_id"], "challenger")
         fig = answer_figures(rows)
         fig["entropy"] = entropy(policy(cfg, r["tuned_model"])[1], rows, cfg.evaluate.max_new_tokens)
         table.append({"arm": arm, "round": i, "round_id": r["round_id"], "model": r["tuned_model"], **fig,
-                      "win_rate": m.get("eval_win_rate"), "win_rate_low": m.get("eval_win_rate_low"),
-                      "win_rate_high": m.get("eval_win_rate_high"), "heldout_prompts": m.get("eval_prompts"),
+                      **({"win_rate": ev.overall.win_rate, "win_rate_low": ev.overall.win_rate_low,
+                          "win_rate_high": ev.overall.win_rate_high, "heldout_prompts": ev.overall.prompts}
+                         if ev else {}),
                       "pairs": r["pairs"], "n_prompts": r["n_prompts"], "n_train": r["n_train"],
                       "promoted": r["promoted"],
                       "gate_reason": r["gate_reason"], "baseline": r["baseline_model"],

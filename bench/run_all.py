@@ -56,7 +56,7 @@ def main() -> None:
     gen = child("generation_bench.py", a.tiny)
     # Ratios at sizes where a Spark job's or a launcher's fixed cost no longer decides them: a million candidates
     # scored, 256 pairs trained (32 steps of 8); the smoke run keeps the scripts' small defaults.
-    sco = child("scoring_bench.py", a.tiny, *([] if a.tiny else ["--rows", "1000000"]))
+    sco = child("scoring_bench.py", a.tiny, "--rows", "2000" if a.tiny else "1000000")
     tra = child("training_bench.py", a.tiny, *([] if a.tiny else ["--pairs", "256", "--batch", "8"]))
     try:
         mem: dict[str, Any] = memory_bench.run(a.tiny)

@@ -22,21 +22,10 @@ from pyspark.sql import functions as F
 from tao_spark import generate, score
 from tao_spark.config import Config
 from tao_spark.models import model_id
-from tao_spark.rounds import Round, StageResult, forgetting_sample, policy, split, versions
+from tao_spark.rounds import Evaluation, Figures, Round, StageResult, forgetting_sample, policy, split, versions
 from tao_spark.tables import Tables, columns
 
 ARMS = ("challenger", "champion")
-
-
-@dataclasses.dataclass
-class Evaluation:
-    metrics: dict[str, float]
-    per_task: dict[str, dict[str, float]]
-    frame: pd.DataFrame  # one row per held-out prompt
-
-    def task_drops(self) -> dict[str, float]:
-        """How much each task's mean reward fell from champion to challenger (positive = worse)."""
-        return {t: m["champion_reward"] - m["challenger_reward"] for t, m in self.per_task.items()}
 
 
 def win_rate(outcomes: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -63,17 +52,17 @@ def distinct_n(texts: Any, n: int) -> float:
     return len(set(grams)) / len(grams) if grams else float("nan")
 
 
-def summarize(frame: pd.DataFrame, cfg: Config) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+def summarize(frame: pd.DataFrame, cfg: Config) -> Evaluation:
     """Metrics over a frame with task, <arm>_reward, <arm>_tokens, <arm>_finish, <arm>_scores and optionally
     <arm>_text per prompt."""
     ev = cfg.evaluate
     strict = compliance_reward(cfg)
 
-    def block(df: pd.DataFrame, seed: int) -> dict[str, float]:
+    def block(df: pd.DataFrame, seed: int) -> Figures:
         outcome = np.where(df.challenger_reward > df.champion_reward, 1.0,
                            np.where(df.challenger_reward < df.champion_reward, 0.0, 0.5))
         wr, lo, hi = win_rate(outcome, resamples=ev.bootstrap, seed=seed)
-        m = {"prompts": float(len(df)), "win_rate": wr, "win_rate_low": lo, "win_rate_high": hi,
+        m: dict[str, Any] = {"prompts": len(df), "win_rate": wr, "win_rate_low": lo, "win_rate_high": hi,
              "ties": float((outcome == 0.5).mean()) if len(df) else float("nan")}
         for arm in ARMS:
             m[f"{arm}_reward"] = float(df[f"{arm}_reward"].mean())
@@ -87,11 +76,10 @@ def summarize(frame: pd.DataFrame, cfg: Config) -> tuple[dict[str, float], dict[
                 applicable = [v for v in vals if v is not None]
                 if applicable:
                     m[f"{arm}_compliance"] = float(np.mean([v >= 1.0 for v in applicable]))
-        return m
+        return Figures(**m)
 
-    metrics = block(frame, ev.seed)
-    per_task = {t: block(g, ev.seed + i + 1) for i, (t, g) in enumerate(sorted(frame.groupby("task")))}
-    return metrics, per_task
+    return Evaluation(overall=block(frame, ev.seed),
+                      per_task={t: block(g, ev.seed + i + 1) for i, (t, g) in enumerate(sorted(frame.groupby("task")))})
 
 
 def _answers(tables: Tables, round_id: str, purpose: str) -> pd.DataFrame:
@@ -111,23 +99,23 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
     if not rnd.tuned_model:
         raise RuntimeError(f"round {rnd.round_id}: train has not produced a model")
     challenger = (rnd.tuned_model, rnd.tuned_model, model_id(rnd.tuned_model))
-    ev = compare(tables, split(tables, rnd, cfg)[1], round_id=rnd.round_id, cfg=cfg, challenger=challenger,
-                 champion=policy(cfg, rnd.baseline_model))
-    metrics: dict[str, Any] = {f"eval_{k}": v for k, v in ev.metrics.items()}
-    metrics.update(eval_per_task=ev.per_task, eval_task_drops=ev.task_drops())
+    ev, frame = compare(tables, split(tables, rnd, cfg)[1], round_id=rnd.round_id, cfg=cfg, challenger=challenger,
+                        champion=policy(cfg, rnd.baseline_model))
     old = {r.prompt_id for r in forgetting_sample(tables, rnd, cfg).select("prompt_id").collect()}
-    sample = ev.frame[ev.frame.prompt_id.isin(old)]
+    sample = frame[frame.prompt_id.isin(old)]
     if len(sample):
-        metrics["forgetting_prompts"] = len(sample)
-        metrics["forgetting"] = float(sample.champion_reward.mean() - sample.challenger_reward.mean())
-    return StageResult(metrics=metrics, versions=versions(tables, "candidates", "scores", "evaluations"))
+        ev = ev.model_copy(update={"forgetting_prompts": len(sample), "forgetting": float(
+            sample.champion_reward.mean() - sample.challenger_reward.mean())})
+    return StageResult(metrics={"evaluation": ev.model_dump()},
+                       versions=versions(tables, "candidates", "scores", "evaluations"))
 
 
 def compare(
     tables: Tables, holdout: DataFrame, *, round_id: str, cfg: Config, challenger: tuple[str, str, str],
     champion: tuple[str, str, str],
-) -> Evaluation:
-    """Answer, score and compare. ``challenger``/``champion`` are (model uri, local path, policy id)."""
+) -> tuple[Evaluation, pd.DataFrame]:
+    """Answer, score and compare: the figures and one row per held-out prompt. ``challenger``/``champion`` are
+    (model uri, local path, policy id)."""
     gen_cfg = dataclasses.replace(cfg.generate, n=1, temperature=cfg.evaluate.temperature,
                                   max_new_tokens=cfg.evaluate.max_new_tokens)
     for arm, (uri, path, pid) in zip(ARMS, (challenger, champion), strict=True):
@@ -143,7 +131,7 @@ def compare(
         frame[f"{arm}_scores"] = frame[f"scores_{arm}"]
         frame[f"{arm}_text"] = frame[f"completion_{arm}"]
     frame = frame.dropna(subset=["challenger_reward", "champion_reward"])
-    metrics, per_task = summarize(frame, cfg)
+    ev = summarize(frame, cfg)
 
     frame["winner"] = np.where(frame.challenger_reward > frame.champion_reward, "challenger",
                                np.where(frame.challenger_reward < frame.champion_reward, "champion", "tie"))
@@ -159,16 +147,16 @@ def compare(
     }, columns=columns("evaluations"))
     if len(rows):
         tables.merge("evaluations", tables.frame("evaluations", rows), update=True)
-    return Evaluation(metrics, per_task, frame)
+    return ev, frame
 
 
-def fmt_interval(m: dict[str, Any]) -> str:
-    if math.isnan(m.get("win_rate", float("nan"))):
+def fmt_interval(f: Figures) -> str:
+    if math.isnan(f.win_rate):
         return "n/a"
-    return f"{m['win_rate']:.3f} [{m['win_rate_low']:.3f}, {m['win_rate_high']:.3f}]"
+    return f"{f.win_rate:.3f} [{f.win_rate_low:.3f}, {f.win_rate_high:.3f}]"
 
 
-def figures(frame: pd.DataFrame, per_task: dict[str, dict[str, float]]) -> dict[str, Any]:
+def figures(frame: pd.DataFrame, per_task: dict[str, Figures]) -> dict[str, Any]:
     """Reward histogram of both models and per-task win rates with intervals, for the MLflow run."""
     import matplotlib
 
@@ -190,9 +178,9 @@ def figures(frame: pd.DataFrame, per_task: dict[str, dict[str, float]]) -> dict[
 
     fig, ax = plt.subplots(figsize=(6, 4))
     tasks = sorted(per_task)
-    wr = [per_task[t]["win_rate"] for t in tasks]
-    err = [[per_task[t]["win_rate"] - per_task[t]["win_rate_low"] for t in tasks],
-           [per_task[t]["win_rate_high"] - per_task[t]["win_rate"] for t in tasks]]
+    wr = [per_task[t].win_rate for t in tasks]
+    err = [[per_task[t].win_rate - per_task[t].win_rate_low for t in tasks],
+           [per_task[t].win_rate_high - per_task[t].win_rate for t in tasks]]
     ax.bar(tasks, wr, yerr=err, capsize=4)
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_ylim(0, 1)

@@ -158,23 +158,23 @@ def report(rnd: Round, cfg: Config) -> str:
         per_task = ", ".join(f"{t} {v['floor_only']}/{v['prompts']}" for t, v in cov["tasks"].items())
         lines.append(f"  floor-only      {per_task} (read by no reward but length and coherence; "
                      f"{cov['instructions']['recognised']} instructions recognised)")
-    if "eval_challenger_reward" in m:
-        lines.append(f"  reward          {m['eval_champion_reward']:.3f} -> {m['eval_challenger_reward']:.3f} "
+    ev = rnd.evaluation()
+    if ev:
+        f = ev.overall
+        lines.append(f"  reward          {f.champion_reward:.3f} -> {f.challenger_reward:.3f} "
                      f"(held-out, greedy; baseline {rnd.baseline_model})")
-        if "eval_champion_compliance" in m:
-            lines.append(f"  compliance      {m['eval_champion_compliance']:.3f} -> "
-                         f"{m.get('eval_challenger_compliance', float('nan')):.3f} "
+        if f.champion_compliance is not None:
+            lines.append(f"  compliance      {f.champion_compliance:.3f} -> "
+                         f"{f.challenger_compliance if f.challenger_compliance is not None else float('nan'):.3f} "
                          "(share of prompts meeting every stated constraint)")
-        lines.append(f"  answer tokens   {m['eval_champion_tokens']:.1f} -> {m['eval_challenger_tokens']:.1f}")
-        if "eval_challenger_distinct2" in m:
-            lines.append(f"  distinct-2      {m['eval_champion_distinct2']:.3f} -> {m['eval_challenger_distinct2']:.3f}"
+        lines.append(f"  answer tokens   {f.champion_tokens:.1f} -> {f.challenger_tokens:.1f}")
+        if f.challenger_distinct2 is not None and f.champion_distinct2 is not None:
+            lines.append(f"  distinct-2      {f.champion_distinct2:.3f} -> {f.challenger_distinct2:.3f}"
                          " (answer diversity; the gate refuses a collapse)")
-        eval_metrics = {k.removeprefix("eval_"): v for k, v in m.items() if k.startswith("eval_")}
-        lines.append(f"  win rate        {evaluate.fmt_interval(eval_metrics)}"
-                     " (ties count half)")
-        for task, tm in sorted(m.get("eval_per_task", {}).items()):
-            lines.append(f"    {task:<14}{evaluate.fmt_interval(tm)}  reward {tm['champion_reward']:.3f} -> "
-                         f"{tm['challenger_reward']:.3f}  (n={int(tm['prompts'])})")
+        lines.append(f"  win rate        {evaluate.fmt_interval(f)} (ties count half)")
+        for task, tf in sorted(ev.per_task.items()):
+            lines.append(f"    {task:<14}{evaluate.fmt_interval(tf)}  reward {tf.champion_reward:.3f} -> "
+                         f"{tf.challenger_reward:.3f}  (n={tf.prompts})")
     if rnd.promoted is not None:
         lines.append(f"  promoted        {'yes' if rnd.promoted else 'no'}: {rnd.gate_reason}")
         lines.append(f"  MLflow          run {rnd.mlflow_run_id}, {cfg.mlflow.model_name} version "

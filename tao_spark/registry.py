@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from tao_spark.config import Config, GateConfig, git_commit
 
 if TYPE_CHECKING:
-    from tao_spark.rounds import Round, StageResult
+    from tao_spark.rounds import Evaluation, Figures, Round, StageResult
     from tao_spark.tables import Tables
 
 ALIAS_CHAMPION = "champion"
@@ -33,45 +34,42 @@ class GateDecision:
     reason: str
 
 
-def gate(metrics: dict[str, float], task_drops: dict[str, float], cfg: GateConfig,
-         forgetting: float | None = None) -> GateDecision:
-    """Promote only when the win-rate interval sits above the bar and nothing got worse by too much.
-
-    ``forgetting`` is how much mean reward fell on the earlier rounds' held-out sample.
-    """
-    low = metrics.get("win_rate_low", float("nan"))
+def gate(ev: Evaluation | None, cfg: GateConfig) -> GateDecision:
+    """Promote only when the win-rate interval sits above the bar and nothing got worse by too much: no task's
+    mean reward, not the earlier rounds' held-out sample (``forgetting``), not the answers' shape."""
+    if ev is None:
+        return GateDecision(False, "the round has no evaluation")
+    low = ev.overall.win_rate_low
     if not low > cfg.min_win_rate_low:  # NaN (no evaluated prompts) fails too
         return GateDecision(False, f"win-rate interval low end {low:.3f} <= gate.min_win_rate_low "
                                    f"{cfg.min_win_rate_low}")
-    worst = max(task_drops.items(), key=lambda kv: kv[1], default=None)
+    worst = max(ev.task_drops().items(), key=lambda kv: kv[1], default=None)
     if worst and worst[1] > cfg.max_task_drop:
         return GateDecision(False, f"task {worst[0]!r} mean reward dropped {worst[1]:.3f} > gate.max_task_drop "
                                    f"{cfg.max_task_drop}")
-    if forgetting is not None and forgetting > cfg.max_forgetting:
-        return GateDecision(False, f"mean reward on earlier rounds' held-out prompts dropped {forgetting:.3f} > "
+    if ev.forgetting is not None and ev.forgetting > cfg.max_forgetting:
+        return GateDecision(False, f"mean reward on earlier rounds' held-out prompts dropped {ev.forgetting:.3f} > "
                                    f"gate.max_forgetting {cfg.max_forgetting}")
-    collapse = collapsed(metrics, cfg)
+    collapse = collapsed(ev.overall, cfg)
     if collapse:
         return GateDecision(False, collapse)
     return GateDecision(True, f"win-rate interval low end {low:.3f} > {cfg.min_win_rate_low}; "
                               f"no task dropped more than {cfg.max_task_drop}")
 
 
-def collapsed(metrics: dict[str, float], cfg: GateConfig) -> str | None:
+def collapsed(f: Figures, cfg: GateConfig) -> str | None:
     """Why the tuned model's answers look collapsed next to the baseline's (less diverse, much longer, more often
-    cut at the cap), or None. Metrics missing (an older evaluation) pass."""
-    def get(k: str) -> float:
-        return float(metrics.get(k, float("nan")))
-
-    d_new, d_old = get("challenger_distinct2"), get("champion_distinct2")
-    if cfg.min_distinct_ratio and d_old > 0 and d_new < cfg.min_distinct_ratio * d_old:
+    cut at the cap), or None. Diversity missing (an older evaluation) passes."""
+    d_new, d_old = f.challenger_distinct2, f.champion_distinct2
+    if cfg.min_distinct_ratio and d_new is not None and d_old is not None and d_old > 0 \
+            and d_new < cfg.min_distinct_ratio * d_old:
         return (f"answers collapsed: distinct-2 {d_new:.3f} < gate.min_distinct_ratio {cfg.min_distinct_ratio} x "
                 f"baseline {d_old:.3f}")
-    t_new, t_old = get("challenger_tokens"), get("champion_tokens")
+    t_new, t_old = f.challenger_tokens, f.champion_tokens
     if cfg.max_length_ratio and t_old > 0 and t_new > cfg.max_length_ratio * t_old:
         return (f"answers grew: {t_new:.1f} tokens on average > gate.max_length_ratio {cfg.max_length_ratio} x "
                 f"baseline {t_old:.1f}")
-    c_new, c_old = get("challenger_length_capped"), get("champion_length_capped")
+    c_new, c_old = f.challenger_length_capped, f.champion_length_capped
     if c_new - c_old > cfg.max_capped_increase:
         return (f"answers hit max_new_tokens {c_new:.0%} of the time (baseline {c_old:.0%}): more than "
                 f"gate.max_capped_increase {cfg.max_capped_increase} higher")
@@ -218,6 +216,27 @@ def log_policy(cfg: Config, merged_dir: str, adapter_dir: str, tmp: Path) -> Any
     )
 
 
+def model_version(name: str, run_id: str, log_model: Callable[[], Any], tags: dict[str, str],
+                  description: str) -> Any:
+    """The registered version of ``name`` that run ``run_id`` produced: the one already there when a registration
+    is re-run after a kill (one version per run however often it runs), else ``log_model()`` logs the model into
+    the active run and a version of it is created. The one registration path of the policy and the reward model."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    versions = [v for v in client.search_model_versions(f"run_id = '{_literal(run_id)}'") if v.name == name]
+    if versions:
+        return versions[0]
+    info = log_model()
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        pass  # already registered
+    return client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
+                                       tags=tags, description=description)
+
+
 @dataclass
 class Registration:
     run_id: str
@@ -237,17 +256,19 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
     from tao_spark.rounds import StageResult, folder
 
     m = rnd.metrics
+    record = rnd.evaluation()
     ev = tables.read("evaluations").where(F.col("round_id") == rnd.round_id).toPandas()
     flat = {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    decision = gate({k.removeprefix("eval_"): v for k, v in flat.items() if k.startswith("eval_")},
-                    m.get("eval_task_drops", {}), cfg.gate, forgetting=m.get("forgetting"))
+    flat.update(record.flat() if record else {})
+    decision = gate(record, cfg.gate)
+    per_task = {t: f.model_dump(exclude_none=True) for t, f in record.per_task.items()} if record else {}
     tuned = pd.DataFrame({"task": ev.task, "reward": ev.challenger_reward, "tokens": ev.challenger_tokens})
-    figures = {**evaluate.figures(ev, m.get("eval_per_task", {})),
+    figures = {**evaluate.figures(ev, record.per_task if record else {}),
                "reward_vs_length": reward_length_figure(tuned, "tuned model: reward vs. answer length (held out)")}
     curves = m.get("train_curves") or {"loss": m.get("train_loss_history", [])}
     reg = register(
         cfg, round_id=rnd.round_id, prompts_source=tables.lineage("prompts"), prompts_version=rnd.prompts_version,
-        metrics=flat, per_task=m.get("eval_per_task", {}), decision=decision,
+        metrics=flat, per_task=per_task, decision=decision,
         adapter_dir=str(folder(cfg, rnd) / "train" / "adapter"), merged_dir=rnd.tuned_model or "",
         tags={"tao.base_model": rnd.base_model, "tao.baseline_model": rnd.baseline_model,
               "tao.policy_id": rnd.policy_id or ""},
@@ -300,13 +321,8 @@ def register(
             mlflow.log_artifact(str(Path(tmp) / "config.json"))
         for name, fig in figures.items():
             mlflow.log_figure(fig, f"plots/{name}.png")
-        # A register killed after its version was created (before the round row recorded it) reuses that version:
-        # one version per round however often the stage is re-run.
-        versions = [v for v in client.search_model_versions(f"run_id = '{_literal(run.info.run_id)}'")
-                    if v.name == cfg.mlflow.model_name]
-        if versions:
-            version = versions[0]
-        else:
+
+        def log_model() -> Any:
             with tempfile.TemporaryDirectory() as tmp:
                 adapter = safe_copy(adapter_dir, Path(tmp) / "adapter")
                 mlflow.log_artifacts(str(adapter), "adapter")
@@ -314,16 +330,13 @@ def register(
             # The logged model's own metrics (the UI's model page and comparisons), tied to the prompt snapshot.
             mlflow.log_metrics({k: v for k, v in metrics.items() if k.startswith("eval_") and v == v},
                                model_id=info.model_id, dataset=dataset)
-            try:
-                client.create_registered_model(cfg.mlflow.model_name)
-            except mlflow.exceptions.MlflowException:
-                pass  # already registered
-            version = client.create_model_version(
-                cfg.mlflow.model_name, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id,
-                tags={"tao.round_id": round_id, "tao.prompts_version": str(prompts_version),
-                      "config_hash": cfg.digest(), "git_commit": tags.get("git_commit", git_commit())},
-                description=f"TAO round {round_id} on prompts@v{prompts_version}: {decision.reason}",
-            )
+            return info
+
+        version = model_version(
+            cfg.mlflow.model_name, run.info.run_id, log_model,
+            tags={"tao.round_id": round_id, "tao.prompts_version": str(prompts_version),
+                  "config_hash": cfg.digest(), "git_commit": tags.get("git_commit", git_commit())},
+            description=f"TAO round {round_id} on prompts@v{prompts_version}: {decision.reason}")
         client.set_registered_model_alias(cfg.mlflow.model_name, ALIAS_CHALLENGER, version.version)
         if decision.promote:
             client.set_registered_model_alias(cfg.mlflow.model_name, ALIAS_CHAMPION, version.version)

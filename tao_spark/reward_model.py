@@ -283,21 +283,16 @@ def register(cfg: Config, name: str, out: Path, metrics: dict[str, float], holdo
         import pandas as pd
 
         mlflow.log_figure(reward_length_figure(pd.DataFrame(rows)), "plots/reward_length.png")
-        info = log_reward_model(out / "model", cfg.reward_model.max_length)
         mlflow.set_tags({"tao.kind": "reward_model", "tao.preference_pairs_version": str(pairs_version),
                          "git_commit": git_commit(), "config_hash": cfg.digest()})
-        try:
-            client.create_registered_model(name)
-        except MlflowException:
-            pass  # already registered
         try:
             champion = client.get_model_version_by_alias(name, ALIAS_CHAMPION)
             best = float(champion.tags.get(ACCURACY_TAG, "nan"))
         except MlflowException:
             best = -math.inf
         promoted = accuracy > best or best != best
-        mv = client.create_model_version(
-            name, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id,
+        mv = registry.model_version(
+            name, run.info.run_id, lambda: log_reward_model(out / "model", cfg.reward_model.max_length),
             tags={ACCURACY_TAG: f"{accuracy:.6f}", "tao.preference_pairs_version": str(pairs_version),
                   "tao.backbone": cfg.reward_model.backbone, "config_hash": cfg.digest()},
             description=f"Bradley-Terry reward model on preference_pairs@v{pairs_version}: held-out pairwise "

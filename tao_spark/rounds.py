@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, ValidationError
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -61,9 +62,87 @@ class Round:
     n_holdout: int | None = None
     finished_at: datetime | None = None
 
+    def evaluation(self) -> Evaluation | None:
+        """The evaluate stage's typed result (None before it ran)."""
+        return read_evaluation(self.metrics, self.round_id)
+
     def done(self, stage: str) -> bool:
         order = list(STAGES)
         return self.status == "done" or (self.status in STAGES and order.index(self.status) >= order.index(stage))
+
+
+class Figures(BaseModel):
+    """One block of an evaluation: every held-out prompt, or one task's. Per arm: mean combined reward, answer
+    tokens, the share cut at the token cap, distinct-1/2 of the answers, and strict compliance where an instruction
+    reward is configured."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: int
+    win_rate: float
+    win_rate_low: float
+    win_rate_high: float
+    ties: float
+    challenger_reward: float
+    champion_reward: float
+    challenger_tokens: float
+    champion_tokens: float
+    challenger_length_capped: float
+    champion_length_capped: float
+    challenger_distinct1: float | None = None
+    champion_distinct1: float | None = None
+    challenger_distinct2: float | None = None
+    champion_distinct2: float | None = None
+    challenger_compliance: float | None = None
+    champion_compliance: float | None = None
+
+
+class Evaluation(BaseModel):
+    """The evaluate stage's result as ``rounds`` stores it (``metrics.evaluation``) and the gate reads it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    overall: Figures
+    per_task: dict[str, Figures] = {}
+    forgetting: float | None = None  # mean reward lost on the first round's held-out sample (positive = worse)
+    forgetting_prompts: int = 0
+
+    def task_drops(self) -> dict[str, float]:
+        """How much each task's mean reward fell from champion to challenger (positive = worse)."""
+        return {t: f.champion_reward - f.challenger_reward for t, f in self.per_task.items()}
+
+    def flat(self) -> dict[str, float]:
+        """``eval_*`` figures (and ``forgetting``) as MLflow metrics; unset ones left out."""
+        out = {f"eval_{k}": float(v) for k, v in self.overall.model_dump().items() if v is not None}
+        if self.forgetting is not None:
+            out.update(forgetting=self.forgetting, forgetting_prompts=float(self.forgetting_prompts))
+        return out
+
+
+def _raw_evaluation(m: dict[str, Any]) -> dict[str, Any] | None:
+    if "evaluation" in m:
+        return dict(m["evaluation"])
+    if "eval_win_rate" not in m:
+        return None
+    # A round written before the record was typed kept its figures as flat ``eval_*`` keys.
+    keys = Figures.model_fields
+    return {"overall": {k: m[f"eval_{k}"] for k in keys if f"eval_{k}" in m},
+            "per_task": {t: {k: v for k, v in f.items() if k in keys} for t, f in m.get("eval_per_task", {}).items()},
+            "forgetting": m.get("forgetting"), "forgetting_prompts": int(m.get("forgetting_prompts", 0))}
+
+
+def read_evaluation(metrics: dict[str, Any], round_id: str) -> Evaluation | None:
+    """A round's evaluation, validated; None before the evaluate stage. A record that does not validate is a
+    one-line error naming the round, not a gate deciding on missing figures."""
+    raw = _raw_evaluation(metrics)
+    if raw is None:
+        return None
+    try:
+        return Evaluation.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(f"round {round_id}: its evaluation record does not validate ({e.error_count()} "
+                        f"errors, first: {e.errors()[0]['loc']} {e.errors()[0]['msg']}); re-run "
+                        f"`tao evaluate --round {round_id}` after resetting it") from None
 
 
 @dataclasses.dataclass
@@ -180,9 +259,10 @@ def history(tables: Tables) -> pd.DataFrame:
     metrics = [json.loads(m or "{}") for m in pdf.metrics]
     out = pdf[["round_id", "status", "prompts_version", "new_prompts", "reused_candidates", "new_candidates",
                "pairs", "promoted", "model_version"]].copy()
-    for key in ("eval_win_rate", "eval_win_rate_low", "eval_win_rate_high", "eval_champion_reward",
-                "eval_challenger_reward", "forgetting"):
-        out[key.removeprefix("eval_")] = [m.get(key) for m in metrics]
+    evals = [read_evaluation(m, rid) for m, rid in zip(metrics, pdf.round_id, strict=True)]
+    for key in ("win_rate", "win_rate_low", "win_rate_high", "champion_reward", "challenger_reward"):
+        out[key] = [getattr(e.overall, key) if e else None for e in evals]
+    out["forgetting"] = [e.forgetting if e else None for e in evals]
     return out
 
 

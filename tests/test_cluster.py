@@ -243,14 +243,24 @@ def test_two_rounds_on_the_cluster(driver: Any, local_cluster: tuple[cluster.Clu
     assert ranks == {(0, 2), (1, 2)}, ranks
     assert (Path(rnd.tuned_model) / "config.json").exists()  # written by rank 0 on a worker, read by the driver
 
-    # A second round with 10% new prompts, as `tao loop --once` runs it: earlier candidates reused.
+    # A second round with 10% new prompts, under the loop's lock: earlier candidates and scores reused through
+    # delta-spark's MERGE. Its train, evaluate and register stages are the first round's again (and the loop's
+    # whole second round runs on Sail in tests/test_loop.py), so it stops after score.
     if not rnd.promoted:
         pytest.skip(f"round 1 was not promoted ({rnd.gate_reason}); the second round needs a champion")
     ingest(driver, tables, [_slice(tmp_path, "b.jsonl", 20, 22)], cfg.ingest)
-    (r2,) = loop.run_loop(tables, cfg, rounds=1)
-    assert r2.status == "done" and r2.new_prompts == 2 and r2.previous_version == rnd.prompts_version
+    from tao_spark.locks import acquire, release
+
+    holder = acquire(tables, "round", cfg.loop.lock_lease_s)
+    r2 = loop.start(tables, cfg)
+    assert r2 is not None
+    for stage in ("generate", "score"):
+        r2 = loop.run_stage(tables, r2, stage, cfg)
+    release(tables, "round", holder)
+    assert r2.status == "score" and r2.new_prompts == 2 and r2.previous_version == rnd.prompts_version
     assert r2.baseline_model.endswith("@champion") and r2.reused_candidates == n
     assert r2.new_candidates == (r2.n_train - rnd.n_train) * 3
+    assert r2.metrics["scores_reused"] == n * len(names)
     assert tables.read("rounds").count() == 2 and tables.read("locks").count() == 0
     _no_duplicate_keys(tables)
 

@@ -10,7 +10,17 @@ import pytest
 
 from tao_spark.config import Config, GateConfig, RewardSpec, ScoreConfig
 from tao_spark.evaluate import summarize, win_rate
-from tao_spark.registry import gate
+from tao_spark.registry import gate as gate_on
+from tao_spark.rounds import Evaluation, Figures
+
+
+def gate(overall: dict[str, float], task_drops: dict[str, float], cfg: GateConfig):
+    """The gate on an evaluation with these figures (the rest neutral) and tasks that dropped by these amounts."""
+    neutral = {"prompts": 10, "win_rate": 0.6, "win_rate_low": 0.5, "win_rate_high": 0.7, "ties": 0.0,
+               "challenger_reward": 0.5, "champion_reward": 0.5, "challenger_tokens": 50.0, "champion_tokens": 50.0,
+               "challenger_length_capped": 0.0, "champion_length_capped": 0.0}
+    per_task = {t: Figures(**{**neutral, "champion_reward": 0.5 + d}) for t, d in task_drops.items()}
+    return gate_on(Evaluation(overall=Figures(**{**neutral, **overall}), per_task=per_task), cfg)
 
 
 def test_win_rate_interval_covers_and_ties_count_half():
@@ -31,12 +41,22 @@ def test_summarize_per_task_and_compliance():
         "challenger_scores": [json.dumps({"ifx": 1.0}), json.dumps({"ifx": 0.5}), "{}", "{}"],
         "champion_scores": [json.dumps({"ifx": 0.0}), json.dumps({"ifx": 1.0}), "{}", "{}"],
     })
-    m, per_task = summarize(frame, cfg)
-    assert m["win_rate"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
-    assert per_task["a"]["win_rate"] == pytest.approx(0.75) and per_task["b"]["win_rate"] == pytest.approx(0.25)
-    assert m["challenger_compliance"] == pytest.approx(0.5) and m["champion_compliance"] == pytest.approx(0.5)
-    assert m["challenger_length_capped"] == pytest.approx(0.25)
-    assert m["challenger_tokens"] == pytest.approx(25.0)
+    ev = summarize(frame, cfg)
+    m, per_task = ev.overall, ev.per_task
+    assert m.win_rate == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+    assert per_task["a"].win_rate == pytest.approx(0.75) and per_task["b"].win_rate == pytest.approx(0.25)
+    assert m.challenger_compliance == pytest.approx(0.5) and m.champion_compliance == pytest.approx(0.5)
+    assert m.challenger_length_capped == pytest.approx(0.25)
+    assert m.challenger_tokens == pytest.approx(25.0)
+    # The record the round stores reads back to the same figures, and a damaged one is a one-line error.
+    from tao_spark.config import UserError
+    from tao_spark.rounds import read_evaluation
+
+    stored = json.loads(json.dumps(ev.model_dump()))
+    assert read_evaluation({"evaluation": stored}, "r1") == ev
+    assert ev.task_drops() == pytest.approx({"a": -0.5, "b": 0.35})
+    with pytest.raises(UserError, match="round r1: its evaluation record"):
+        read_evaluation({"evaluation": {**stored, "overall": {**stored["overall"], "win_rate_low": "high"}}}, "r1")
 
 
 def test_gate_promotes_only_above_the_bar():
@@ -89,9 +109,9 @@ def test_summarize_reports_distinct_n_per_arm():
         "challenger_text": ["same words every time", "same words every time"],
         "champion_text": ["first answer here", "another reply there"],
     })
-    m, _ = summarize(frame, cfg)
-    assert m["challenger_distinct2"] == pytest.approx(0.5) and m["champion_distinct2"] == pytest.approx(1.0)
-    assert m["challenger_distinct1"] == pytest.approx(0.5)
+    m = summarize(frame, cfg).overall
+    assert m.challenger_distinct2 == pytest.approx(0.5) and m.champion_distinct2 == pytest.approx(1.0)
+    assert m.challenger_distinct1 == pytest.approx(0.5)
 
 
 def test_mlflow_filter_values_with_quotes_are_refused_not_spliced():

@@ -67,7 +67,8 @@ def test_two_rounds_on_a_growing_log_reuse_work(spark, tmp_path, tiny_model):
     champ = tables.read("candidates").where((F.col("round_id") == r2.round_id) & (F.col("purpose") == "eval_champion"))
     assert champ.where(F.col("reused_from") == f"{r1.round_id}/eval_challenger").count() > 0
     # Forgetting check on the first round's held-out sample, recorded and gated on.
-    assert r2.metrics["forgetting_prompts"] == 4 and "forgetting" in r2.metrics
+    ev2 = r2.evaluation()
+    assert ev2 and ev2.forgetting_prompts == 4 and ev2.forgetting is not None
 
     # Each stage recorded the Delta version it wrote: reading that version gives back the round's rows.
     at = r2.metrics["table_versions"]

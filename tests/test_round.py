@@ -82,7 +82,9 @@ def test_round_end_to_end(spark, tmp_path, tiny_model):
 
     evals = tables.read("evaluations").collect()
     assert len(evals) == 6 and {e.winner for e in evals} <= {"challenger", "champion", "tie"}
-    assert 0.0 <= rnd.metrics["eval_win_rate_low"] <= rnd.metrics["eval_win_rate"] <= rnd.metrics["eval_win_rate_high"]
+    ev = rnd.evaluation()  # the typed record the gate decided on, read back from `rounds`
+    assert ev and 0.0 <= ev.overall.win_rate_low <= ev.overall.win_rate <= ev.overall.win_rate_high
+    assert ev.overall.prompts == len(evals) and set(ev.per_task) == {e.task for e in evals}
 
     # MLflow: the run, the dataset lineage, the registered version and its aliases.
     import mlflow
@@ -93,6 +95,7 @@ def test_round_end_to_end(spark, tmp_path, tiny_model):
     run = client.get_run(rnd.mlflow_run_id)
     assert run.data.tags["tao.prompts_version"] == str(rnd.prompts_version)
     assert run.data.metrics["pairs"] == rnd.metrics["pairs"]
+    assert run.data.metrics["eval_win_rate_low"] == pytest.approx(ev.overall.win_rate_low)  # MLflow: the same record
     (ds,) = run.inputs.dataset_inputs
     source = json.loads(ds.dataset.source)
     assert source["path"].endswith("/prompts") and source["delta_table_version"] == rnd.prompts_version
