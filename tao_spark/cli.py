@@ -39,13 +39,14 @@ def command(name: str, help: str, args: Callable[[argparse.ArgumentParser], None
     return wrap
 
 
-_RESULT = sys.stdout  # where a command's result goes; with --json, the only thing written to the real stdout
+_RESULT: Any = None  # with --json, the real stdout, kept for the JSON alone; else sys.stdout as it is now
 
 
 def emit(text: str) -> None:
     """Write a command's result (its JSON, or its report) to stdout; progress and logs go to stderr."""
-    _RESULT.write(text + "\n")
-    _RESULT.flush()
+    out = _RESULT or sys.stdout
+    out.write(text + "\n")
+    out.flush()
 
 
 @contextlib.contextmanager
@@ -65,7 +66,7 @@ def _json_stdout() -> Iterator[None]:
         os.dup2(saved, 1)
         os.close(saved)
         _RESULT.close()
-        _RESULT = sys.stdout
+        _RESULT = None
 
 
 def _context(cfg: Config) -> tuple[Any, Any]:
@@ -270,6 +271,21 @@ def _history(a: argparse.Namespace, cfg: Config) -> int:
             "engine": h.get("engineInfo"),
         })
     print_table(rows, max_width=100)
+    return 0
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--schema", action="store_true", help="the config's JSON schema (for editors) instead of the config")
+
+
+@command("config", "the config a command would run with (the YAML file, then the overrides), or its JSON schema",
+         _config_args)
+def _config(a: argparse.Namespace, cfg: Config) -> int:
+    import yaml
+
+    from tao_spark.config import json_schema
+
+    emit(json.dumps(json_schema(), indent=2) if a.schema else yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
     return 0
 
 

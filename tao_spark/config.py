@@ -547,6 +547,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 CONF_DIR = Path(__file__).parent / "conf"  # the package's copy of the top-level conf/ (a symlink in a checkout)
 
 
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of the YAML config (``tao config --schema``), from the dataclasses' types and defaults: an
+    editor validates a config file with it as ``load_config`` would, a misspelt key included."""
+    from pydantic import TypeAdapter
+
+    schema = TypeAdapter(Config).json_schema()
+    for node in (schema, *schema.get("$defs", {}).values()):
+        if node.get("type") == "object" and "properties" in node:
+            node["additionalProperties"] = False  # load_config refuses a key no section has
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": "tao_spark config"}
+
+
 def default_config_path() -> Path | None:
     """``$TAO_CONFIG``, else the packaged ``conf/local.yaml`` (the checkout's, or the installed wheel's)."""
     env = os.environ.get("TAO_CONFIG")

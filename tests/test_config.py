@@ -144,3 +144,35 @@ def test_unity_catalog_model_names_are_checked_up_front() -> None:
     with pytest.raises(ConfigError, match="mlflow.model_name"):
         load_config(None, ["mlflow.model_name=main.tao"])  # dotted: meant for UC, so it must be three levels
     assert load_config(None, []).registry_uri == load_config(None, []).tracking_uri
+
+
+def test_tao_config_prints_what_runs_and_its_schema_validates_every_shipped_config(tmp_path: Path, capsys) -> None:
+    import json
+
+    import jsonschema
+
+    from tao_spark.cli import main
+
+    assert main(["config", "--schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    for f in sorted(conf.glob("*.yaml")):
+        jsonschema.validate(yaml.safe_load(f.read_text()), schema)
+    # What an editor would flag, as load_config does: a misspelt key, a value of the wrong type.
+    for bad in ({"generate": {"temprature": 0.5}}, {"generate": {"n": "four"}}, {"gate": {"min_win_rate_low": []}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+        with pytest.raises(ConfigError):
+            load_config(_write(tmp_path / "bad.yaml", bad))
+
+    # The resolved config, overrides applied, is itself a valid config file that loads back to the same config.
+    assert main(["config", "generate.n=7", "train.trl.learning_rate=2e-4"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    jsonschema.validate(printed, schema)
+    assert printed["generate"]["n"] == 7 and printed["train"]["trl"]["learning_rate"] == 2e-4
+    assert load_config(_write(tmp_path / "printed.yaml", printed)).to_dict() == printed
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
