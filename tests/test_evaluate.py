@@ -121,3 +121,20 @@ def test_mlflow_filter_values_with_quotes_are_refused_not_spliced():
     for bad in ("r1' OR '1'='1", "back\\slash"):
         with pytest.raises(ValueError, match="not a plain identifier"):
             _literal(bad)
+
+
+def test_a_round_recorded_before_the_typed_record_still_reads_and_gates():
+    """Rounds written by earlier versions kept their figures as flat ``eval_*`` keys: they read as the record."""
+    from tao_spark.rounds import read_evaluation
+
+    arms = {f"{arm}_{k}": v for arm in ("challenger", "champion")
+            for k, v in (("reward", 0.5), ("tokens", 40.0), ("length_capped", 0.1))}
+    flat = {"prompts": 12.0, "win_rate": 0.7, "win_rate_low": 0.6, "win_rate_high": 0.8, "ties": 0.1, **arms}
+    legacy = {**{f"eval_{k}": v for k, v in flat.items()}, "eval_per_task": {"a": {**flat, "champion_reward": 0.9}},
+              "forgetting": 0.01, "forgetting_prompts": 4, "pairs": 30}
+    ev = read_evaluation(legacy, "r0")
+    assert ev and ev.overall.win_rate_low == 0.6 and ev.overall.prompts == 12 and ev.forgetting_prompts == 4
+    assert ev.task_drops() == pytest.approx({"a": 0.4})
+    decision = gate_on(ev, GateConfig(min_win_rate_low=0.5, max_task_drop=0.05))
+    assert not decision.promote and "'a'" in decision.reason
+    assert read_evaluation({"pairs": 30}, "r0") is None
