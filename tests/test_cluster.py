@@ -344,7 +344,9 @@ def test_killed_python_worker_is_retried_with_exact_counts(driver: Any, local_cl
 
 def test_two_ingesters_on_delta_spark(tmp_path: Path) -> None:
     # Each its own local[1] JVM driver with delta-spark: the commit-conflict path of the JVM.
-    two_ingesters_at_once(tmp_path, ["spark.master=local[1]"], timeout_s=600)  # asserts a conflict was retried
+    # 800 rows each, 28 chunks: a JVM commit is seconds, not Sail's tenths, and this many still conflict (2500 rows
+    # met 50-58 conflicts).
+    two_ingesters_at_once(tmp_path, ["spark.master=local[1]"], timeout_s=600, n=800)  # asserts a conflict was retried
 
 
 def _tao(args: list[str], home: Path, conf: Path) -> subprocess.CompletedProcess[str]:

@@ -346,11 +346,11 @@ def test_two_cli_processes_at_once_lose_and_duplicate_nothing(tmp_path: Path) ->
     two_ingesters_at_once(tmp_path, [])
 
 
-def two_ingesters_at_once(tmp_path: Path, overrides: list[str], timeout_s: int = 120) -> list[str]:
+def two_ingesters_at_once(tmp_path: Path, overrides: list[str], timeout_s: int = 120, n: int = 2500) -> list[str]:
     """Two ``tao ingest`` processes on one lakehouse at once, committing small chunks so their commits interleave:
-    every row once, and at least one commit conflict met and retried (else the test proved nothing)."""
+    every row once, and at least one commit conflict met and retried (else the test proved nothing). ``n`` rows
+    each, half of them the other's too."""
     overrides = [*overrides, "ingest.chunk_rows=40", "ingest.commit_retries=20"]
-    n = 2500
     a = write(tmp_path / "a.jsonl", [jl({"prompt": f"prompt {i}"}) for i in range(0, n)])
     b = write(tmp_path / "b.jsonl", [jl({"prompt": f"prompt {i}"}) for i in range(n // 2, n + n // 2)])
     shared = write(tmp_path / "shared.jsonl", [jl({"prompt": f"shared {i}"}) for i in range(300)]
