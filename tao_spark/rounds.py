@@ -140,9 +140,9 @@ def read_evaluation(metrics: dict[str, Any], round_id: str) -> Evaluation | None
     try:
         return Evaluation.model_validate(raw)
     except ValidationError as e:
-        raise UserError(f"round {round_id}: its evaluation record does not validate ({e.error_count()} "
-                        f"errors, first: {e.errors()[0]['loc']} {e.errors()[0]['msg']}); re-run "
-                        f"`tao evaluate --round {round_id}` after resetting it") from None
+        raise UserError(f"round {round_id}: its evaluation record does not validate ({e.error_count()} errors, "
+                        f"first: {'.'.join(map(str, e.errors()[0]['loc']))} {e.errors()[0]['msg']}); it was not "
+                        "written by this version of tao_spark's evaluate stage") from None
 
 
 @dataclasses.dataclass
