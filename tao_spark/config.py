@@ -275,9 +275,13 @@ class EvaluateConfig:
     max_new_tokens: int = _f(96, "answer length cap for both models")
     bootstrap: int = _f(2000, "bootstrap resamples for the win-rate interval")
     seed: int = _f(0, "bootstrap seed")
+    consistency_samples: int = _f(4, "samples per model of each held-out prompt that asks for a short answer (a "
+                                     "number, a choice), at generate.temperature: how often they agree with the "
+                                     "greedy answer is the gate's label-free proxy for accuracy; 0 = off")
 
     def __post_init__(self) -> None:
         _check(0 < self.holdout_fraction < 1, "evaluate.holdout_fraction", "must be in (0, 1)")
+        _check(self.consistency_samples >= 0, "evaluate.consistency_samples", "must be >= 0")
         _check(self.max_prompts >= 0, "evaluate.max_prompts", "must be >= 0")
         _check(self.temperature >= 0, "evaluate.temperature", "must be >= 0")
         _check(self.bootstrap >= 100, "evaluate.bootstrap", "must be >= 100")
@@ -288,6 +292,9 @@ class GateConfig:
     min_win_rate_low: float = _f(0.5, "promote only if the win-rate interval's lower end is above this")
     max_task_drop: float = _f(0.05, "refuse if any task's mean reward falls by more than this")
     max_forgetting: float = _f(0.05, "refuse if mean reward on earlier rounds' held-out sample falls by more than this")
+    max_consistency_drop: float = _f(0.0, "refuse if, on answer-type held-out prompts, the share of the tuned "
+                                          "model's samples agreeing with its greedy answer is below the baseline's "
+                                          "by more than this, interval and all (1 = off)")
     # Collapse guards: label-free rounds can win on the reward while the answers degenerate (one template for
     # every prompt, or answers growing until they hit the cap); these refuse such a model whatever its win rate.
     min_distinct_ratio: float = _f(0.6, "refuse if distinct-2 of the tuned model's answers falls below this share of "
@@ -304,6 +311,7 @@ class GateConfig:
         _check(0 <= self.max_capped_increase <= 1, "gate.max_capped_increase", "must be in [0, 1]")
         _check(self.max_task_drop >= 0, "gate.max_task_drop", "must be >= 0")
         _check(self.max_forgetting >= 0, "gate.max_forgetting", "must be >= 0")
+        _check(0 <= self.max_consistency_drop <= 1, "gate.max_consistency_drop", "must be in [0, 1]")
 
 
 @dataclass

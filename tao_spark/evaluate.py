@@ -22,6 +22,8 @@ from pyspark.sql import functions as F
 from tao_spark import generate, score
 from tao_spark.config import Config
 from tao_spark.models import model_id
+from tao_spark.rewards import reward_text
+from tao_spark.rewards.verifiers import answer_key, asks_short_answer
 from tao_spark.rounds import Evaluation, Figures, Round, StageResult, forgetting_sample, policy, split, versions
 from tao_spark.tables import Tables, columns
 
@@ -29,7 +31,8 @@ ARMS = ("challenger", "champion")
 
 
 def win_rate(outcomes: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of per-prompt outcomes (1 win, 0.5 tie, 0 loss) and its bootstrap 95% percentile interval."""
+    """Mean of per-prompt outcomes (1 win, 0.5 tie, 0 loss; any per-prompt figure) and its bootstrap 95%
+    percentile interval."""
     if len(outcomes) == 0:
         return float("nan"), float("nan"), float("nan")
     rng = np.random.default_rng(seed)
@@ -76,6 +79,15 @@ def summarize(frame: pd.DataFrame, cfg: Config) -> Evaluation:
                 applicable = [v for v in vals if v is not None]
                 if applicable:
                     m[f"{arm}_compliance"] = float(np.mean([v >= 1.0 for v in applicable]))
+        if "challenger_consistency" in df:
+            c = df.dropna(subset=["challenger_consistency", "champion_consistency"])
+            if len(c):
+                m["consistency_prompts"] = len(c)
+                for arm in ARMS:
+                    m[f"{arm}_consistency"] = float(c[f"{arm}_consistency"].mean())
+                drop = (c.champion_consistency - c.challenger_consistency).to_numpy(dtype=float)
+                _, m["consistency_drop_low"], m["consistency_drop_high"] = win_rate(
+                    drop, resamples=ev.bootstrap, seed=seed)
         return Figures(**m)
 
     return Evaluation(overall=block(frame, ev.seed),
@@ -124,6 +136,9 @@ def compare(
         score.score_candidates(tables, holdout, round_id=round_id, purpose=f"eval_{arm}", cfg=cfg.score)
     a, b = (_answers(tables, round_id, f"eval_{arm}") for arm in ARMS)
     frame = a.merge(b, on=["prompt_id", "task"], suffixes=("_challenger", "_champion"))
+    for arm, agree in _consistency(tables, holdout, frame, round_id=round_id, cfg=cfg,
+                                   arms=dict(zip(ARMS, (challenger, champion), strict=True))).items():
+        frame[f"{arm}_consistency"] = frame.prompt_id.map(agree).astype(float)
     for arm in ARMS:
         frame[f"{arm}_reward"] = [json.loads(s).get(score.COMBINED) for s in frame[f"scores_{arm}"]]
         frame[f"{arm}_tokens"] = frame[f"tokens_{arm}"]
@@ -148,6 +163,39 @@ def compare(
     if len(rows):
         tables.merge("evaluations", tables.frame("evaluations", rows), update=True)
     return ev, frame
+
+
+def _consistency(tables: Tables, holdout: DataFrame, frame: pd.DataFrame, *, round_id: str, cfg: Config,
+                 arms: dict[str, tuple[str, str, str]]) -> dict[str, dict[str, float]]:
+    """Per arm, per held-out prompt that asks for a short answer: the share of ``evaluate.consistency_samples``
+    samples whose final answer equals the greedy answer's (0 when the greedy answer gives none).
+
+    Without labels, a model whose sampled answers stop agreeing with its own greedy one has most likely lost the
+    skill (a right answer is stable under sampling, a guess is not). Both arms draw with the same seeds per prompt.
+    """
+    k, temperature = cfg.evaluate.consistency_samples, cfg.generate.temperature
+    if not k or temperature <= 0 or frame.empty:  # greedy samples would only repeat the greedy answer
+        return {}
+    texts = {r.prompt_id: reward_text(json.loads(r.m))
+             for r in holdout.select("prompt_id", F.to_json("messages").alias("m")).collect()}
+    asked = sorted(p for p in frame.prompt_id if p in texts and asks_short_answer(texts[p]))
+    if not asked:
+        return {}
+    gen_cfg = dataclasses.replace(cfg.generate, n=k, max_new_tokens=cfg.evaluate.max_new_tokens)
+    out: dict[str, dict[str, float]] = {}
+    for arm, (uri, path, pid) in arms.items():
+        purpose = f"eval_{arm}_samples"
+        generate.sample(tables, holdout.where(F.col("prompt_id").isin(asked)), round_id=round_id, purpose=purpose,
+                        model=dataclasses.replace(cfg.model, path=uri), model_path=path, policy_id=pid, cfg=gen_cfg)
+        samples = (tables.read("candidates").where((F.col("round_id") == round_id) & (F.col("purpose") == purpose))
+                   .select("prompt_id", "completion").toPandas())
+        greedy = dict(zip(frame.prompt_id, frame[f"completion_{arm}"], strict=True))
+        out[arm] = {}
+        for prompt_id, rows in samples.groupby("prompt_id"):
+            key = answer_key(texts[prompt_id], greedy[prompt_id])
+            out[arm][prompt_id] = 0.0 if key is None else float(
+                np.mean([answer_key(texts[prompt_id], c) == key for c in rows.completion]))
+    return out
 
 
 def fmt_interval(f: Figures) -> str:

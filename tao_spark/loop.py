@@ -171,6 +171,10 @@ def report(rnd: Round, cfg: Config) -> str:
         if f.challenger_distinct2 is not None and f.champion_distinct2 is not None:
             lines.append(f"  distinct-2      {f.champion_distinct2:.3f} -> {f.challenger_distinct2:.3f}"
                          " (answer diversity; the gate refuses a collapse)")
+        if f.challenger_consistency is not None and f.champion_consistency is not None:
+            lines.append(f"  consistency     {f.champion_consistency:.3f} -> {f.challenger_consistency:.3f} "
+                         f"({f.consistency_prompts} answer-type prompts: share of samples agreeing with the greedy "
+                         "answer)")
         lines.append(f"  win rate        {evaluate.fmt_interval(f)} (ties count half)")
         for task, tf in sorted(ev.per_task.items()):
             lines.append(f"    {task:<14}{evaluate.fmt_interval(tf)}  reward {tf.champion_reward:.3f} -> "

@@ -50,6 +50,13 @@ def gate(ev: Evaluation | None, cfg: GateConfig) -> GateDecision:
     if ev.forgetting is not None and ev.forgetting > cfg.max_forgetting:
         return GateDecision(False, f"mean reward on earlier rounds' held-out prompts dropped {ev.forgetting:.3f} > "
                                    f"gate.max_forgetting {cfg.max_forgetting}")
+    drop = ev.overall.consistency_drop_low
+    if drop is not None and drop > cfg.max_consistency_drop:
+        f = ev.overall
+        return GateDecision(False, f"answers to {f.consistency_prompts} answer-type prompts agree with the model's "
+                                   f"own samples less: {f.challenger_consistency:.3f} against the baseline's "
+                                   f"{f.champion_consistency:.3f} (drop interval low end {drop:.3f} > "
+                                   f"gate.max_consistency_drop {cfg.max_consistency_drop})")
     collapse = collapsed(ev.overall, cfg)
     if collapse:
         return GateDecision(False, collapse)

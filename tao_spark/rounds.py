@@ -95,6 +95,13 @@ class Figures(BaseModel):
     champion_distinct2: float | None = None
     challenger_compliance: float | None = None
     champion_compliance: float | None = None
+    # Prompts asking for a short answer: the mean share of each model's samples whose answer equals its greedy one,
+    # and the paired drop (champion minus challenger) with its bootstrap 95% interval.
+    consistency_prompts: int = 0
+    challenger_consistency: float | None = None
+    champion_consistency: float | None = None
+    consistency_drop_low: float | None = None
+    consistency_drop_high: float | None = None
 
 
 class Evaluation(BaseModel):

@@ -89,7 +89,8 @@ SCHEMAS: dict[str, str] = {
 KEYS: dict[str, tuple[str, ...]] = {
     "prompts": ("prompt_id",),
     "quarantine": ("target", "source_sha256", "line"),
-    # purpose: train (sampled for selection) or eval_challenger / eval_champion (greedy answers to held-out prompts)
+    # purpose: train (sampled for selection), eval_challenger / eval_champion (greedy answers to held-out prompts)
+    # or eval_<arm>_samples (samples of the held-out prompts asking for a short answer: the consistency check)
     "candidates": ("round_id", "purpose", "prompt_id", "candidate_idx"),
     "scores": ("round_id", "purpose", "prompt_id", "candidate_idx", "reward_name"),
     "preferences": ("round_id", "prompt_id", "chosen_idx", "rejected_idx"),

@@ -138,3 +138,33 @@ def test_a_round_recorded_before_the_typed_record_still_reads_and_gates():
     decision = gate_on(ev, GateConfig(min_win_rate_low=0.5, max_task_drop=0.05))
     assert not decision.promote and "'a'" in decision.reason
     assert read_evaluation({"pairs": 30}, "r0") is None
+
+
+def test_gate_refuses_answers_that_stop_agreeing_with_their_own_samples():
+    """The label-free proxy for accuracy on answer-type prompts: per prompt, the share of a model's samples whose
+    final answer equals its greedy one. A drop whose whole interval sits above gate.max_consistency_drop refuses
+    the round, whatever its win rate; a drop within the noise does not."""
+    cfg = Config()
+    n = 12
+    frame = pd.DataFrame({
+        "task": ["math"] * n + ["chat"] * 2, "challenger_reward": [1.0] * (n + 2), "champion_reward": [0.0] * (n + 2),
+        "challenger_tokens": [5] * (n + 2), "champion_tokens": [5] * (n + 2),
+        "challenger_finish": ["stop"] * (n + 2), "champion_finish": ["stop"] * (n + 2),
+        "challenger_scores": ["{}"] * (n + 2), "champion_scores": ["{}"] * (n + 2),
+        # Not an answer-type prompt: NaN, left out of the figures.
+        "challenger_consistency": [0.25] * n + [np.nan] * 2, "champion_consistency": [0.75] * n + [np.nan] * 2,
+    })
+    ev = summarize(frame, cfg)
+    f = ev.overall
+    assert f.consistency_prompts == n and f.challenger_consistency == pytest.approx(0.25)
+    assert f.consistency_drop_low == pytest.approx(0.5) == f.consistency_drop_high
+    assert ev.per_task["math"].consistency_prompts == n and ev.per_task["chat"].consistency_prompts == 0
+    win = GateConfig(min_win_rate_low=0.0, max_task_drop=1.0)
+    refused = gate_on(ev, win)
+    assert not refused.promote and refused.reason.startswith(f"answers to {n} answer-type prompts agree")
+    assert gate_on(ev, GateConfig(min_win_rate_low=0.0, max_task_drop=1.0, max_consistency_drop=1.0)).promote
+    # Half the prompts lose agreement, half gain it: the interval straddles zero and the round passes.
+    noisy = frame.assign(challenger_consistency=[0.25, 1.0] * (n // 2) + [np.nan] * 2,
+                         champion_consistency=[0.75, 0.5] * (n // 2) + [np.nan] * 2)
+    ev = summarize(noisy, cfg)
+    assert ev.overall.consistency_drop_low < 0 < ev.overall.consistency_drop_high and gate_on(ev, win).promote

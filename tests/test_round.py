@@ -85,6 +85,18 @@ def test_round_end_to_end(spark, tmp_path, tiny_model):
     ev = rnd.evaluation()  # the typed record the gate decided on, read back from `rounds`
     assert ev and 0.0 <= ev.overall.win_rate_low <= ev.overall.win_rate <= ev.overall.win_rate_high
     assert ev.overall.prompts == len(evals) and set(ev.per_task) == {e.task for e in evals}
+    # The held-out prompts that ask for a short answer were sampled k times per arm, for the consistency check.
+    from tao_spark.rewards import reward_text
+    from tao_spark.rewards.verifiers import asks_short_answer
+
+    held = tables.read("prompts").where(F.col("prompt_id").isin([e.prompt_id for e in evals])).collect()
+    asked = {r.prompt_id for r in held if asks_short_answer(reward_text([m.asDict() for m in r.messages]))}
+    samples = tables.read("candidates").where(F.col("purpose").endswith("_samples"))
+    per = samples.groupBy("purpose", "prompt_id").count().collect()
+    assert asked and {r.prompt_id for r in per} == asked and ev.overall.consistency_prompts == len(asked)
+    assert {r.purpose for r in per} == {"eval_challenger_samples", "eval_champion_samples"}
+    assert {r["count"] for r in per} == {cfg.evaluate.consistency_samples}
+    assert 0 <= ev.overall.challenger_consistency <= 1 and ev.overall.consistency_drop_low is not None
 
     # MLflow: the run, the dataset lineage, the registered version and its aliases.
     import mlflow

@@ -591,6 +591,15 @@ def asks_short_answer(prompt: str) -> bool:
     return asks_number(prompt) or (isinstance(prompt, str) and _CHOICE_ASK.search(_question(prompt)) is not None)
 
 
+def answer_key(prompt: str, completion: str) -> str | None:
+    """What two answers to ``prompt`` must share to agree: the final number where it asks for a number (an answer
+    without one agrees with nothing), else the final short answer."""
+    if asks_number(prompt):
+        n = final_number(completion)
+        return None if n is None else f"{n:g}" if n == n and abs(n) < 1e15 else str(n)
+    return final_answer(completion)
+
+
 def self_consistency(prompts: list[str], completions: list[str], min_candidates: int = 2) -> list[float]:
     """Majority vote on the prompts that ask for a short final answer; NaN on the others.
 
@@ -601,14 +610,7 @@ def self_consistency(prompts: list[str], completions: list[str], min_candidates:
     """
     pairs = _pairs(prompts, completions)
     rows = [i for i, (p, _) in enumerate(pairs) if asks_short_answer(p)]
-    answers: list[str | None] = []
-    for i in rows:
-        prompt, completion = pairs[i]
-        if asks_number(prompt):
-            n = final_number(completion)
-            answers.append(None if n is None else f"{n:g}" if n == n and abs(n) < 1e15 else str(n))
-        else:
-            answers.append(final_answer(completion))
+    answers = [answer_key(*pairs[i]) for i in rows]
     votes = _agreement([pairs[i][0] for i in rows], answers, min_candidates)
     out = [NAN] * len(pairs)
     for i, v in zip(rows, votes, strict=True):
