@@ -267,7 +267,8 @@ def history(tables: Tables) -> pd.DataFrame:
     out = pdf[["round_id", "status", "prompts_version", "new_prompts", "reused_candidates", "new_candidates",
                "pairs", "promoted", "model_version"]].copy()
     evals = [read_evaluation(m, rid) for m, rid in zip(metrics, pdf.round_id, strict=True)]
-    for key in ("win_rate", "win_rate_low", "win_rate_high", "champion_reward", "challenger_reward"):
+    for key in ("win_rate", "win_rate_low", "win_rate_high", "champion_reward", "challenger_reward",
+                "champion_consistency", "challenger_consistency"):
         out[key] = [getattr(e.overall, key) if e else None for e in evals]
     out["forgetting"] = [e.forgetting if e else None for e in evals]
     return out

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from tao_spark.config import RewardSpec, ScoreConfig, load_config
-from tao_spark.rewards.verifiers import asks_short_answer, self_consistency
+from tao_spark.rewards.verifiers import asks_short_answer, self_consistency, shows_work
 from tao_spark.score import COMBINED, _score_partition, score_frame, scored
 from tests.test_cli import ROOT, tao
 
@@ -76,6 +76,18 @@ def test_self_consistency_reads_answer_type_prompts_only():
     assert all(math.isnan(v) for v in out[4:])
     assert asks_short_answer("Which of the following is a mammal? (A) shark (B) whale") and \
         not asks_short_answer("Tell me about whales.")
+
+
+def test_a_bare_majority_never_outranks_a_minority_that_shows_its_work():
+    """Three samples say a bare, confidently wrong 20; one computes 6 * 4 = 24. Only answers that show their work
+    vote, so the computed answer scores highest and the bare majority lowest; a bare answer that agrees with the
+    working scores with it. Without any working, every answer votes as before."""
+    q = "A box holds 6 eggs. How many eggs are in 4 boxes? Answer with a single number."
+    worked = "Each box has 6 eggs, so 6 * 4 = 24. The answer is 24."
+    assert shows_work(worked) and shows_work("40 minus 4 leaves 36") and not shows_work("The answer is 20.")
+    out = self_consistency([q] * 5, ["20", "The answer is 20.", "20 eggs", worked, "24"])
+    assert out == [0.0, 0.0, 0.0, 1.0, 1.0]
+    assert self_consistency([q] * 3, ["20", "20", "24"]) == pytest.approx([2 / 3, 2 / 3, 1 / 3])
 
 
 def test_a_prompt_split_in_two_calls_would_score_otherwise():

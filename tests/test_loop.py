@@ -66,6 +66,10 @@ def test_two_rounds_on_a_growing_log_reuse_work(spark, tmp_path, tiny_model):
     # The champion's greedy answers were generated in round 1 as the challenger's: reused, not regenerated.
     champ = tables.read("candidates").where((F.col("round_id") == r2.round_id) & (F.col("purpose") == "eval_champion"))
     assert champ.where(F.col("reused_from") == f"{r1.round_id}/eval_challenger").count() > 0
+    # So were its samples for the consistency check (same policy, sampling and seeds).
+    samples = tables.read("candidates").where((F.col("round_id") == r2.round_id)
+                                              & (F.col("purpose") == "eval_champion_samples"))
+    assert samples.where(F.col("reused_from") == f"{r1.round_id}/eval_challenger_samples").count() > 0
     # Forgetting check on the first round's held-out sample, recorded and gated on.
     ev2 = r2.evaluation()
     assert ev2 and ev2.forgetting_prompts == 4 and ev2.forgetting is not None
@@ -80,6 +84,7 @@ def test_two_rounds_on_a_growing_log_reuse_work(spark, tmp_path, tiny_model):
     hist = rounds.history(tables)
     assert list(hist.round_id) == [r1.round_id, r2.round_id]
     assert list(hist.new_prompts) == [60, 6] and hist.reused_candidates.iloc[1] == r1.new_candidates
+    assert hist.challenger_consistency.iloc[1] == pytest.approx(ev2.overall.challenger_consistency)
 
 
 def test_mix_latest_and_recency(spark, tmp_path, tiny_model):

@@ -543,7 +543,10 @@ def majority_vote(prompts: list[str], completions: list[str], min_candidates: in
     return _agreement([p for p, _ in pairs], [final_answer(c) for _, c in pairs], min_candidates)
 
 
-def _agreement(prompts: list[str], answers: list[str | None], min_candidates: int) -> list[float]:
+def _agreement(prompts: list[str], answers: list[str | None], min_candidates: int,
+               voters: list[bool] | None = None) -> list[float]:
+    """Per row, the share of its prompt's voting rows whose answer equals its own. Where some rows of a prompt are
+    ``voters``, only they vote (every row is still scored against their votes); where none is, every row votes."""
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault(p, []).append(i)
@@ -551,14 +554,16 @@ def _agreement(prompts: list[str], answers: list[str | None], min_candidates: in
     for rows in groups.values():
         if len(rows) < max(min_candidates, 2):
             continue
+        voting = [i for i in rows if voters[i]] if voters else []
+        voting = voting or rows
         votes: dict[str, int] = {}
-        for i in rows:
+        for i in voting:
             a = answers[i]
             if a is not None:
                 votes[a] = votes.get(a, 0) + 1
         for i in rows:
             a = answers[i]
-            out[i] = 0.0 if a is None else votes[a] / len(rows)
+            out[i] = 0.0 if a is None else votes.get(a, 0) / len(voting)
     return out
 
 # A prompt whose answers end in a short final answer: a number, a choice among given options, a yes/no, a name or
@@ -591,6 +596,15 @@ def asks_short_answer(prompt: str) -> bool:
     return asks_number(prompt) or (isinstance(prompt, str) and _CHOICE_ASK.search(_question(prompt)) is not None)
 
 
+# A calculation step: two numbers joined by an operator ("12 * 3", "40 minus 4", "3 x 4").
+_STEP = re.compile(r"\d\s*(?:[-+*/\u00d7\u00f7x]|\b(?:plus|minus|times|multiplied by|divided by)\b)\s*\$?\d", re.I)
+
+
+def shows_work(completion: str) -> bool:
+    """Whether an answer shows at least one calculation step rather than a bare result."""
+    return isinstance(completion, str) and _STEP.search(completion) is not None
+
+
 def answer_key(prompt: str, completion: str) -> str | None:
     """What two answers to ``prompt`` must share to agree: the final number where it asks for a number (an answer
     without one agrees with nothing), else the final short answer."""
@@ -605,13 +619,18 @@ def self_consistency(prompts: list[str], completions: list[str], min_candidates:
 
     The label-free signal for answer-type prompts: the share of the prompt's candidates whose final answer equals
     this one's. Where the prompt asks for a number (``asks_number``), the answer compared is the final number, and
-    an answer without one agrees with nothing. The score stage hands a reward all of a prompt's candidates in one
-    call, whatever the batching, so the share is over every candidate.
+    an answer without one agrees with nothing; if any candidate shows its work (``shows_work``), only those vote.
+    The score stage hands a reward all of a prompt's candidates in one call, whatever the batching, so the share is
+    over every candidate.
     """
     pairs = _pairs(prompts, completions)
     rows = [i for i, (p, _) in enumerate(pairs) if asks_short_answer(p)]
     answers = [answer_key(*pairs[i]) for i in rows]
-    votes = _agreement([pairs[i][0] for i in rows], answers, min_candidates)
+    # Where some of a number question's candidates show their work, only those vote: a majority of bare numbers (at
+    # temperature, samples drop the working a greedy answer keeps) is often confidently wrong, and must not outrank
+    # a minority that computes. Bare answers still score by agreeing with the working ones.
+    voters = [asks_number(pairs[i][0]) and shows_work(pairs[i][1]) for i in rows]
+    votes = _agreement([pairs[i][0] for i in rows], answers, min_candidates, voters)
     out = [NAN] * len(pairs)
     for i, v in zip(rows, votes, strict=True):
         out[i] = v
