@@ -16,13 +16,13 @@ import json
 import os
 import re
 import subprocess
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 
 class ConfigError(ValueError):
@@ -34,6 +34,10 @@ class UserError(RuntimeError):
     it; the CLI prints it as one line (a traceback only with ``--debug``)."""
 
 
+def _part(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
 def _f(default: Any, help: str) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
@@ -43,6 +47,13 @@ def _f(default: Any, help: str) -> Any:
 def _check(ok: bool, key: str, why: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {why}")
+
+
+def section(cls: type) -> type:
+    """A config section: a dataclass that pydantic validates from YAML, strictly (no "8" for 8, no true for 1)
+    and refusing unknown keys; its ``__post_init__`` checks what types cannot say."""
+    cls.__pydantic_config__ = ConfigDict(extra="forbid", strict=True)  # type: ignore[attr-defined]
+    return dataclass(cls)
 
 
 # The stages of a round, in order, with what each does: the one list the loop, the CLI and the benchmarks read
@@ -57,14 +68,14 @@ STAGES: dict[str, str] = {
 }
 
 
-@dataclass
+@section
 class SparkConfig:
     remote: str | None = _f(None, "Spark Connect URL (sc://host:port); None starts an embedded Sail server")
     master: str | None = _f(None, "classic JVM Spark master (local[2], spark://host:7077, yarn); Delta through "
                                   "delta-spark")
     app_name: str = _f("tao_spark", "Spark application name")
     shuffle_partitions: int = _f(4, "spark.sql.shuffle.partitions; small because the embedded tables are small")
-    conf: dict[str, str] = _f({}, "extra Spark conf passed to the session builder")
+    conf: dict[str, str | int | float | bool] = _f({}, "extra Spark conf passed to the session builder")
 
     def __post_init__(self) -> None:
         _check(self.remote is None or self.remote.startswith("sc://"), "spark.remote", "must start with sc://")
@@ -72,7 +83,7 @@ class SparkConfig:
         _check(self.shuffle_partitions >= 1, "spark.shuffle_partitions", "must be >= 1")
 
 
-@dataclass
+@section
 class IngestConfig:
     max_prompt_chars: int = _f(16000, "longest accepted prompt text (characters, all turns); exactly this is accepted")
     default_task: str = _f("default", "task of a row that names none")
@@ -90,7 +101,7 @@ class IngestConfig:
         _check(self.commit_retries >= 0, "ingest.commit_retries", "must be >= 0")
 
 
-@dataclass
+@section
 class ModelConfig:
     path: str = _f("smollm2-135m-instruct",
                    "policy: a local HF folder, an MLflow models:/ URI, or the bundled default name")
@@ -102,7 +113,7 @@ class ModelConfig:
         _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32, bfloat16 or float16")
 
 
-@dataclass
+@section
 class GenerateConfig:
     engine: str = _f("transformers", "transformers (CPU/GPU) or vllm (GPU executors)")
     n: int = _f(4, "candidates sampled per prompt")
@@ -140,7 +151,7 @@ class GenerateConfig:
         _check(self.tensor_parallel_size >= 1, "generate.tensor_parallel_size", "must be >= 1")
 
 
-@dataclass
+@section
 class RewardSpec:
     name: str = _f("", "column name of this component in `scores`")
     fn: str = _f("", "a built-in reward (see tao_spark.rewards.BUILTINS) or package.module:function")
@@ -149,7 +160,7 @@ class RewardSpec:
     params: dict[str, Any] = _f({}, "keyword arguments for the reward")
 
 
-@dataclass
+@section
 class ScoreConfig:
     rewards: list[RewardSpec] = _f([], "reward components; combined = sum(weight * value) / sum(weight)")
     partitions: int = _f(2, "Spark partitions for scoring")
@@ -162,8 +173,7 @@ class ScoreConfig:
     length_penalty_weight: float = _f(0.5, "penalty, subtract mode: the most the penalty takes off")
 
     def __post_init__(self) -> None:
-        self.rewards = [r if isinstance(r, RewardSpec) else _build(RewardSpec, r, f"score.rewards[{i}]")
-                        for i, r in enumerate(self.rewards)]
+        self.rewards = [r if isinstance(r, RewardSpec) else RewardSpec(**r) for r in self.rewards]
         names = [r.name for r in self.rewards]
         _check(self.length_control in ("none", "penalty", "decorrelate"), "score.length_control",
                "none, penalty or decorrelate")
@@ -187,7 +197,7 @@ class ScoreConfig:
 STRATEGIES = ("best_worst", "consensus", "length_band")
 
 
-@dataclass
+@section
 class SelectConfig:
     min_margin: float = _f(0.05, "smallest chosen-minus-rejected reward gap that makes a preference pair")
     strategy: str = _f("best_worst", "best_worst: the best vs. the worst candidate of each prompt; consensus: the "
@@ -204,7 +214,7 @@ class SelectConfig:
         _check(self.pairs_per_prompt >= 1, "select.pairs_per_prompt", "must be >= 1")
 
 
-@dataclass
+@section
 class TrainConfig:
     method: str = _f("dpo", "dpo (TRL DPOTrainer on pairs), sft (best-of-N through SFTTrainer) or sft_labels "
                             "(supervised baseline: SFTTrainer on train.references' answers to the training prompts)")
@@ -239,7 +249,7 @@ class TrainConfig:
                "deepspeed needs train.use_gpu=true (DeepspeedTorchDistributor refuses CPU)")
 
 
-@dataclass
+@section
 class RewardModelConfig:
     name: str = _f("tao-reward", "registered model name of the trained reward model")
     backbone: str = _f("minilm-l6", "minilm-l6 (bundled all-MiniLM-L6-v2: best held-out accuracy per second on CPU), "
@@ -267,7 +277,7 @@ class RewardModelConfig:
         _check(0 <= self.lora_dropout < 1, "reward_model.lora_dropout", "must be in [0, 1)")
 
 
-@dataclass
+@section
 class EvaluateConfig:
     holdout_fraction: float = _f(0.2, "share of the snapshot's prompts held out from training (stable by prompt_id)")
     max_prompts: int = _f(0, "cap on held-out prompts evaluated; 0 = all")
@@ -287,7 +297,7 @@ class EvaluateConfig:
         _check(self.bootstrap >= 100, "evaluate.bootstrap", "must be >= 100")
 
 
-@dataclass
+@section
 class GateConfig:
     min_win_rate_low: float = _f(0.5, "promote only if the win-rate interval's lower end is above this")
     max_task_drop: float = _f(0.05, "refuse if any task's mean reward falls by more than this")
@@ -314,7 +324,7 @@ class GateConfig:
         _check(0 <= self.max_consistency_drop <= 1, "gate.max_consistency_drop", "must be in [0, 1]")
 
 
-@dataclass
+@section
 class LoopConfig:
     mix: str = _f("all", "training prompts of a round: all collected so far, recency-weighted, or only the latest")
     half_life_days: float = _f(30.0, "mix=recency: a prompt this many days old is kept with probability 1/2")
@@ -334,7 +344,7 @@ class LoopConfig:
 _UC_NAME = re.compile(r"[A-Za-z0-9_]+\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+")
 
 
-@dataclass
+@section
 class MlflowConfig:
     tracking_uri: str | None = _f(None, "None = sqlite:///$TAO_HOME/mlflow.db")
     registry_uri: str | None = _f(None, "model registry (databricks-uc for Unity Catalog); None = the tracking URI")
@@ -348,7 +358,7 @@ class MlflowConfig:
                    f"underscores, got {self.model_name!r}")
 
 
-@dataclass
+@section
 class ServeConfig:
     host: str = _f("127.0.0.1", "bind address; loopback by default, put a TLS proxy in front for anything else")
     port: int = _f(8000, "TCP port")
@@ -384,29 +394,26 @@ class ServeConfig:
                 raise ConfigError(f"serve.redact_patterns[{i}]: not a regular expression: {e}") from None
 
 
-@dataclass
+@section
 class Config:
     home: str = _f("", "root of everything written locally (lakehouse, MLflow, model cache); '' = $TAO_HOME or ./.tao")
     lakehouse: str = _f("", "Delta tables: a folder ('' = <home>/lakehouse) or, on JVM Spark and Databricks, "
                                  "a catalog namespace (schema or catalog.schema)")
-    spark: SparkConfig = _f(None, "Spark session")
-    ingest: IngestConfig = _f(None, "prompt-log ingestion")
-    model: ModelConfig = _f(None, "policy model")
-    generate: GenerateConfig = _f(None, "candidate generation")
-    score: ScoreConfig = _f(None, "reward scoring")
-    select: SelectConfig = _f(None, "preference selection")
-    train: TrainConfig = _f(None, "fine-tuning")
-    reward_model: RewardModelConfig = _f(None, "Bradley-Terry reward model trained on preference_pairs")
-    evaluate: EvaluateConfig = _f(None, "label-free evaluation")
-    gate: GateConfig = _f(None, "promotion gate")
-    loop: LoopConfig = _f(None, "continuous rounds")
-    mlflow: MlflowConfig = _f(None, "tracking and registry")
-    serve: ServeConfig = _f(None, "OpenAI-compatible serving with prompt capture and A/B")
+    spark: SparkConfig = _part(SparkConfig, "Spark session")
+    ingest: IngestConfig = _part(IngestConfig, "prompt-log ingestion")
+    model: ModelConfig = _part(ModelConfig, "policy model")
+    generate: GenerateConfig = _part(GenerateConfig, "candidate generation")
+    score: ScoreConfig = _part(ScoreConfig, "reward scoring")
+    select: SelectConfig = _part(SelectConfig, "preference selection")
+    train: TrainConfig = _part(TrainConfig, "fine-tuning")
+    reward_model: RewardModelConfig = _part(RewardModelConfig, "Bradley-Terry reward model trained on preference_pairs")
+    evaluate: EvaluateConfig = _part(EvaluateConfig, "label-free evaluation")
+    gate: GateConfig = _part(GateConfig, "promotion gate")
+    loop: LoopConfig = _part(LoopConfig, "continuous rounds")
+    mlflow: MlflowConfig = _part(MlflowConfig, "tracking and registry")
+    serve: ServeConfig = _part(ServeConfig, "OpenAI-compatible serving with prompt capture and A/B")
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            if getattr(self, f.name) is None:
-                setattr(self, f.name, _hint(Config, f.name)())
         self.home = str(Path(self.home or os.environ.get("TAO_HOME") or ".tao").resolve())
         self.lakehouse = self.lakehouse or str(Path(self.home) / "lakehouse")
         # A JVM driver this process starts: classic (spark.master) or under spark-submit, whose job sets no master
@@ -468,56 +475,35 @@ def local_catalog_conf(home: str, *, catalog: bool) -> dict[str, str]:
     return conf
 
 
-def _hint(cls: type, name: str) -> Any:
-    hint = typing.get_type_hints(cls)[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(hint):
-            return None
-        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _coerce(value, inner, key)
-    if dataclasses.is_dataclass(hint):
-        # A section whose keys are all commented out reads as None in YAML: it means "all defaults".
-        return _build(hint, {} if value is None else value, key)
-    if origin is list:
-        _check(isinstance(value, list), key, f"expected a list, got {value!r}")
-        (inner,) = typing.get_args(hint)
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or hint is dict:
-        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
-        return dict(value)
-    if hint is Any:
-        return value
-    if hint is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        _check(isinstance(value, bool), key, f"expected true/false, got {value!r}")
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    _check(isinstance(value, hint) and not (hint is int and isinstance(value, bool)), key,
-           f"expected {hint.__name__}, got {value!r}")
-    return value
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    _check(isinstance(data, dict), prefix or "config", f"expected a mapping, got {data!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in data:
-        _check(k in names, f"{prefix}.{k}" if prefix else k, f"unknown key (known: {', '.join(sorted(names))})")
-    hints = typing.get_type_hints(cls)
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+def _validate(data: dict[str, Any]) -> Config:
+    """``data`` as a Config, or a ConfigError naming the first bad dotted key (``score.rewards[1].weight``)."""
+    # A section whose keys are all commented out reads as None in YAML: it means "all defaults".
+    data = {k: {} if v is None and k in _SECTIONS else v for k, v in data.items()}
     try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{prefix or 'config'}: {e}") from e
+        # Through JSON, so strict mode takes mappings for sections, as a YAML file has them.
+        return _ADAPTER.validate_json(json.dumps(data, default=str))
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, ConfigError):  # a section's own check, which names its key already
+            raise cause from None
+        loc = err["loc"]
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "config"
+        if err["type"] == "unexpected_keyword_argument":
+            known = ", ".join(sorted(f.name for f in dataclasses.fields(_section_at(loc))))
+            raise ConfigError(f"{key}: unknown key (known: {known})") from None
+        got = "" if err["type"] == "missing" else f", got {err['input']!r}"
+        raise ConfigError(f"{key}: {err['msg'][0].lower()}{err['msg'][1:]}{got}") from None
+
+
+def _section_at(loc: tuple[int | str, ...]) -> Any:
+    """The config class that holds the last key of ``loc``."""
+    cls: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, str):
+            hint = typing.get_type_hints(cls)[part]
+            cls = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)
+    return cls
 
 
 _SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -549,21 +535,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = loaded
     for o in overrides or []:
         apply_override(data, o)
-    return _build(Config, data, "")
+    return _validate(data)
 
 
+_ADAPTER = TypeAdapter(Config)
+_SECTIONS = {f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)}
 CONF_DIR = Path(__file__).parent / "conf"  # the package's copy of the top-level conf/ (a symlink in a checkout)
 
 
 def json_schema() -> dict[str, Any]:
     """The JSON schema of the YAML config (``tao config --schema``), from the dataclasses' types and defaults: an
     editor validates a config file with it as ``load_config`` would, a misspelt key included."""
-    from pydantic import TypeAdapter
-
-    schema = TypeAdapter(Config).json_schema()
-    for node in (schema, *schema.get("$defs", {}).values()):
-        if node.get("type") == "object" and "properties" in node:
-            node["additionalProperties"] = False  # load_config refuses a key no section has
+    schema = _ADAPTER.json_schema()
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": "tao_spark config"}
 
 
