@@ -191,7 +191,7 @@ def _consistency(tables: Tables, holdout: DataFrame, frame: pd.DataFrame, *, rou
                    .select("prompt_id", "completion").toPandas())
         greedy = dict(zip(frame.prompt_id, frame[f"completion_{arm}"], strict=True))
         out[arm] = {}
-        for prompt_id, rows in samples.groupby("prompt_id"):
+        for prompt_id, rows in samples[samples.prompt_id.isin(asked)].groupby("prompt_id"):
             key = answer_key(texts[prompt_id], greedy[prompt_id])
             out[arm][prompt_id] = 0.0 if key is None else float(
                 np.mean([answer_key(texts[prompt_id], c) == key for c in rows.completion]))
