@@ -151,7 +151,7 @@ class GenerateConfig:
 class RewardSpec:
     name: str = _f("", "column name of this component in `scores`")
     fn: str = _f("", "a built-in reward (see tao_spark.rewards.BUILTINS) or package.module:function")
-    weight: float = _f(1.0, "weight in the combined reward")
+    weight: float = _f(1.0, "weight in the combined reward", ge=0)
     model: str | None = _f(None, "model URI for model-based rewards (models:/tao-reward@champion)")
     params: dict[str, Any] = _f({}, "keyword arguments for the reward")
 
@@ -183,7 +183,6 @@ class ScoreConfig:
             _check(r.name not in ("combined", "combined_raw") and not r.name.endswith("_failed"),
                    f"score.rewards[{i}].name", "combined, combined_raw and *_failed are reserved")
             _check(bool(r.fn or r.model), f"score.rewards[{i}].fn", "set fn or model")
-            _check(r.weight >= 0, f"score.rewards[{i}].weight", "must be >= 0")
         _check(len(set(names)) == len(names), "score.rewards", f"duplicate names in {names}")
 
 

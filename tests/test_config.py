@@ -158,13 +158,19 @@ def test_tao_config_prints_what_runs_and_its_schema_validates_every_shipped_conf
     conf = Path(__file__).resolve().parent.parent / "conf"
     for f in sorted(conf.glob("*.yaml")):
         jsonschema.validate(yaml.safe_load(f.read_text()), schema)
-    # What an editor would flag, as load_config does: a misspelt key, a value of the wrong type.
-    for bad in ({"generate": {"temprature": 0.5}}, {"generate": {"n": "four"}}, {"gate": {"min_win_rate_low": []}}):
+    # What an editor would flag, as load_config does: a misspelt key, a value of the wrong type, out of its bounds,
+    # not one of its choices.
+    for bad in ({"generate": {"temprature": 0.5}}, {"generate": {"n": "four"}}, {"gate": {"min_win_rate_low": []}},
+                {"generate": {"n": 0}}, {"generate": {"top_p": 1.5}}, {"generate": {"engine": "tpu"}},
+                {"score": {"rewards": [{"name": "a", "fn": "f", "weight": -1}]}}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
         with pytest.raises(ConfigError):
             load_config(_write(tmp_path / "bad.yaml", bad))
 
+    gen = schema["$defs"]["GenerateConfig"]["properties"]
+    assert gen["engine"]["enum"] == ["transformers", "vllm"] and gen["n"]["minimum"] == 1
+    assert gen["n"]["description"] == "candidates sampled per prompt"  # each key's help, for an editor's hover
     # The resolved config, overrides applied, is itself a valid config file that loads back to the same config.
     assert main(["config", "generate.n=7", "train.trl.learning_rate=2e-4"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
