@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tao_spark.config import SelectConfig
+from tao_spark.config import ConfigError, SelectConfig, load_config
 from tao_spark.select import pairs
 
 
@@ -86,10 +86,8 @@ def test_length_band_pairs_answers_of_similar_length(spark):
 
 
 def test_unknown_strategy_is_refused():
-    from tao_spark.config import ConfigError
-
-    with pytest.raises(ConfigError, match="select.strategy"):
-        SelectConfig(strategy="random")
+    with pytest.raises(ConfigError, match=r"^select\.strategy: .*'best_worst', 'consensus' or 'length_band'"):
+        load_config(None, ["select.strategy=random"])  # as a YAML file or an override sets it
 
 
 def test_several_pairs_per_prompt_are_the_widest_distinct_contrasts(spark):
@@ -106,8 +104,8 @@ def test_several_pairs_per_prompt_are_the_widest_distinct_contrasts(spark):
     assert all(r.margin >= 0.05 and r.chosen_score > r.rejected_score for r in got)
     every = pairs(cands, scores, SelectConfig(min_margin=0.05, pairs_per_prompt=10), "r1").collect()
     assert len(every) == 6  # all ordered pairs of the four distinct answers of a: nothing doubled
-    with pytest.raises(Exception, match="select.pairs_per_prompt"):
-        SelectConfig(pairs_per_prompt=0)
+    with pytest.raises(ConfigError, match=r"^select\.pairs_per_prompt: "):
+        load_config(None, ["select.pairs_per_prompt=0"])
 
 
 def test_rerunning_select_with_other_settings_replaces_the_rounds_pairs(spark, tables):
