@@ -162,19 +162,17 @@ class ScoreConfig:
     partitions: int = _f(2, "Spark partitions for scoring", ge=1)
     length_control: str = _f("none", "none; penalty (scale/shift combined by length_penalty over length_target_words); "
                                      "decorrelate (regress combined on answer words within each scoring call and "
-                                     "remove the slope, ArmoRM-style); the raw value is kept as combined_raw")
+                                     "remove the slope, ArmoRM-style); the raw value is kept as combined_raw",
+                             choices=("none", "penalty", "decorrelate"))
     length_target_words: int = _f(80, "penalty: full reward up to this many words, none at twice as many", ge=1)
     length_penalty_mode: str = _f("multiply", "penalty: multiply (combined * factor) or subtract "
-                                              "(combined - length_penalty_weight * (1 - factor))")
+                                              "(combined - length_penalty_weight * (1 - factor))",
+                                  choices=("multiply", "subtract"))
     length_penalty_weight: float = _f(0.5, "penalty, subtract mode: the most the penalty takes off", ge=0)
 
     def __post_init__(self) -> None:
         self.rewards = [r if isinstance(r, RewardSpec) else RewardSpec(**r) for r in self.rewards]
         names = [r.name for r in self.rewards]
-        _check(self.length_control in ("none", "penalty", "decorrelate"), "score.length_control",
-               "none, penalty or decorrelate")
-        _check(self.length_penalty_mode in ("multiply", "subtract"), "score.length_penalty_mode",
-               "multiply or subtract")
         for i, r in enumerate(self.rewards):
             # Each name is a column of the scoring UDF's output before it becomes a `reward_name` value.
             _check(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", r.name) is not None, f"score.rewards[{i}].name",
