@@ -13,6 +13,7 @@ same rules.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -437,7 +438,7 @@ def _validate(data: dict[str, Any]) -> Config:
     data = {k: {} if v is None and k in _SECTIONS else v for k, v in data.items()}
     try:
         # Through JSON, so strict mode takes mappings for sections, as a YAML file has them.
-        return _ADAPTER.validate_json(json.dumps(data, default=str))
+        return _adapter().validate_json(json.dumps(data, default=str))
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         cause = (err.get("ctx") or {}).get("error")
@@ -494,7 +495,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return _validate(data)
 
 
-_ADAPTER = TypeAdapter(Config)
+@functools.cache
+def _adapter() -> TypeAdapter[Config]:
+    # Built on first load, not at import: executors import this module to unpickle a config, never to load one.
+    return TypeAdapter(Config)
+
+
 _SECTIONS = {f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)}
 CONF_DIR = Path(__file__).parent / "conf"  # the package's copy of the top-level conf/ (a symlink in a checkout)
 
@@ -502,7 +508,7 @@ CONF_DIR = Path(__file__).parent / "conf"  # the package's copy of the top-level
 def json_schema() -> dict[str, Any]:
     """The JSON schema of the YAML config (``tao config --schema``), from the dataclasses' types and defaults: an
     editor validates a config file with it as ``load_config`` would, a misspelt key included."""
-    schema = _ADAPTER.json_schema()
+    schema = _adapter().json_schema()
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": "tao_spark config"}
 
 
