@@ -132,6 +132,8 @@ class GenerateConfig:
     seed: int = _f(0, "base seed; each prompt's streams derive from it and the prompt id, so re-runs repeat")
     batch_size: int = _f(32, "sequences decoded together (prompts x n streams); vllm takes a partition at once", ge=1)
     partitions: int = _f(2, "Spark partitions for the fan-out (at most one per core on CPU)", ge=1)
+    mend: bool = _f(True, "add each sample edited to meet the format instructions it missed (case, commas, a "
+                          "closing phrase, a word limit...) as a candidate: the pair a small model rarely samples")
     max_prompts: int = _f(0, "cap on training prompts per round, taken in a stable order; 0 = all", ge=0)
     torch_threads: int = _f(0, "intra-op threads per partition; 0 = cores // partitions "
                                "(oversubscription is 5-10x slower)", ge=0)

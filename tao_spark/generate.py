@@ -122,16 +122,20 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
     # The round's policy (the champion when loop.start_from is champion) is what the rows record as theirs.
     res = sample(tables, train, round_id=rnd.round_id, purpose="train", model=dataclasses.replace(cfg.model, path=uri),
                  model_path=path, policy_id=pid, cfg=cfg.generate)
+    mended = add_mends(tables, train, round_id=rnd.round_id, n=cfg.generate.n) if cfg.generate.mend else 0
     cands = tables.read("candidates").where((F.col("round_id") == rnd.round_id) & (F.col("purpose") == "train"))
-    agg = cands.agg(F.count("*").alias("n"), F.sum("tokens").alias("tok"),
-                    F.avg((F.col("finish_reason") == "length").cast("double")).alias("capped")).first()
+    # Tokens and the length cap are the sampler's: a mend generated nothing.
+    sampled = F.col("finish_reason") != "mend"
+    agg = cands.agg(F.count("*").alias("n"), F.sum(F.when(sampled, F.col("tokens"))).alias("tok"),
+                    F.avg(F.when(sampled, (F.col("finish_reason") == "length").cast("double"))).alias("capped")
+                    ).first()
     reused = cands.where(F.col("reused_from").isNotNull()).count()
     return StageResult(
         fields={"policy_id": pid, "n_train": train.count(), "n_holdout": holdout.count(),
                 "n_prompts": tables.read("prompts", version=rnd.prompts_version).count(),
-                "reused_candidates": reused, "new_candidates": agg.n - reused},
-        counts={"candidates": agg.n, "candidates_reused": reused, "candidates_new": agg.n - reused,
-                "tokens_generated": agg.tok or 0},
+                "reused_candidates": reused, "new_candidates": agg.n - reused - mended},
+        counts={"candidates": agg.n, "candidates_reused": reused, "candidates_new": agg.n - reused - mended,
+                "candidates_mended": mended, "tokens_generated": agg.tok or 0},
         metrics={"candidates_length_capped": agg.capped, "generate_tokens_per_s_last_run": res.tokens_per_second},
         versions=versions(tables, "candidates"),
     )
@@ -181,6 +185,46 @@ def sample(
         log.info(f"tao: generate[{purpose}]: {min(start + chunk, len(ids))}/{len(ids)} prompts, {cands} candidates, "
                  f"{tokens / el:.0f} tokens/s")
     return GenerateResult(total, len(ids), cands, tokens, time.perf_counter() - t0, reused)
+
+
+def _mend_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """mapInPandas worker: sampled candidates in, their mends out (``rewards.mend``), one row per mended sample."""
+    from tao_spark.rewards import reward_text
+    from tao_spark.rewards.mend import mend
+
+    for pdf in batches:
+        rows = []
+        for r in pdf.itertuples(index=False):
+            got = mend(reward_text(json.loads(r.messages_json)), r.completion)
+            if got is None:
+                continue
+            text, kinds = got
+            rows.append({**{c: getattr(r, c) for c in columns("candidates")}, "candidate_idx": r.mend_idx,
+                         "completion": text, "finish_reason": "mend",
+                         # The source's token count scaled by length: select orders equal scores by it.
+                         "tokens": max(1, round(r.tokens * len(text) / max(len(r.completion), 1))),
+                         "sampling": json.dumps({"mend_of": int(r.candidate_idx), "kinds": list(kinds)}),
+                         "created_at": datetime.now(UTC)})
+        yield pd.DataFrame(rows, columns=columns("candidates"))
+
+
+def add_mends(tables: Tables, prompts: DataFrame, *, round_id: str, n: int) -> int:
+    """Add the mend of each training sample that an edit of its own text brings closer to its prompt's
+    instructions (``rewards.mend``: case, commas, an opening or closing phrase, a word limit, bullets...) as a
+    candidate of the round: index ``n + `` its source's, ``finish_reason`` ``mend``, its source and edits in
+    ``sampling``. Scored and selected like any candidate, a mend is the chosen side its source could not be. A re-run
+    inserts only mends not yet there. Returns how many the round has."""
+    this = (F.col("round_id") == round_id) & (F.col("purpose") == "train")
+    cands = tables.read("candidates").where(this)
+    src = (cands.where((F.col("finish_reason") != "mend") & (F.col("candidate_idx") < n))
+           .join(prompts.select("prompt_id", F.to_json("messages").alias("messages_json")), "prompt_id")
+           .withColumn("mend_idx", F.col("candidate_idx") + F.lit(n)))
+    rows = src.mapInPandas(_mend_partition, CANDIDATE_SCHEMA).toPandas()
+    if len(rows):
+        tables.merge("candidates", tables.frame("candidates", rows))
+    mended = tables.read("candidates").where(this & (F.col("finish_reason") == "mend")).count()
+    log.info(f"tao: generate[train]: {mended} mended candidates (samples edited to meet an instruction they missed)")
+    return mended
 
 
 def _missing(tables: Tables, prompts: DataFrame, round_id: str, purpose: str, n: int) -> DataFrame:

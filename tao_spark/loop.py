@@ -151,7 +151,8 @@ def report(rnd: Round, cfg: Config) -> str:
     lines = [f"TAO round {rnd.round_id} on prompts@v{rnd.prompts_version} ({rnd.n_prompts} prompts: "
              f"{rnd.n_train} train, {rnd.n_holdout} held out)"]
     lines.append(f"  candidates      {m.get('candidates', 0)} ({m.get('tokens_generated', 0)} tokens, "
-                 f"{100 * (m.get('candidates_length_capped') or 0):.0f}% hit max_new_tokens)")
+                 f"{100 * (m.get('candidates_length_capped') or 0):.0f}% hit max_new_tokens; "
+                 f"{m.get('candidates_mended', 0)} of them mends)")
     lines.append(f"  pairs built     {m.get('pairs', 0)}")
     if m.get("coverage"):
         cov = m["coverage"]

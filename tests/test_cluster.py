@@ -193,9 +193,11 @@ def test_two_rounds_on_the_cluster(driver: Any, local_cluster: tuple[cluster.Clu
     n = rnd.n_train * 3
     assert rnd.status == "done" and rnd.n_train + rnd.n_holdout == 20 and rnd.n_train >= 10
     cands = tables.read("candidates").where(F.col("purpose") == "train")
-    assert cands.count() == n and cands.select("prompt_id", "candidate_idx").distinct().count() == n
+    sampled = cands.where(F.col("finish_reason") != "mend")
+    assert sampled.count() == n and sampled.select("prompt_id", "candidate_idx").distinct().count() == n
+    assert cands.count() - n == rnd.metrics["candidates_mended"]
     names = {r.name for r in cfg.score.rewards} | {"combined"}
-    assert tables.read("scores").where(F.col("purpose") == "train").count() == n * len(names)
+    assert tables.read("scores").where(F.col("purpose") == "train").count() == cands.count() * len(names)
     prefs = tables.read("preferences").collect()
     assert len(prefs) == rnd.metrics["pairs"] > 0 and all(p.chosen_score > p.rejected_score for p in prefs)
     assert tables.read("evaluations").count() == rnd.n_holdout
@@ -314,7 +316,8 @@ def test_killed_python_worker_is_retried_with_exact_counts(driver: Any, local_cl
     worker.join(timeout=600)
     assert killed is not None, "generate finished before a busy Python worker could be killed"
     assert "error" not in done, done.get("error")
-    cands = tables.read("candidates").where((F.col("round_id") == rnd.round_id) & (F.col("purpose") == "train"))
+    cands = tables.read("candidates").where((F.col("round_id") == rnd.round_id) & (F.col("purpose") == "train")
+                                            & (F.col("finish_reason") != "mend"))
     assert cands.count() == 30 and cands.select("prompt_id", "candidate_idx").distinct().count() == 30
     _no_duplicate_keys(tables)
     # Spark saw the task fail and ran it again.

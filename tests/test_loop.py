@@ -61,7 +61,8 @@ def test_two_rounds_on_a_growing_log_reuse_work(spark, tmp_path, tiny_model):
     assert r2.new_candidates <= 0.12 * r1.new_candidates
     n_components = len(cfg.score.rewards) + 1
     assert r2.metrics["scores_reused"] == r1.new_candidates * n_components
-    c2 = tables.read("candidates").where((F.col("round_id") == r2.round_id) & (F.col("purpose") == "train"))
+    c2 = tables.read("candidates").where((F.col("round_id") == r2.round_id) & (F.col("purpose") == "train")
+                                         & (F.col("finish_reason") != "mend"))
     assert c2.count() == r2.n_train * 2 == c2.select("prompt_id", "candidate_idx").distinct().count()
     # The champion's greedy answers were generated in round 1 as the challenger's: reused, not regenerated.
     champ = tables.read("candidates").where((F.col("round_id") == r2.round_id) & (F.col("purpose") == "eval_champion"))

@@ -67,14 +67,28 @@ def test_round_end_to_end(spark, tmp_path, tiny_model):
     assert cov["prompts"] == 60 and cov["prompts_version"] == rnd.prompts_version
     assert all(t["floor_only"] == 0 and t["rewards"]["e_rate"] == t["prompts"] for t in cov["tasks"].values())
     cands = tables.read("candidates").where(F.col("purpose") == "train")
-    assert cands.count() == 10 * 3
-    assert cands.select("round_id", "prompt_id", "candidate_idx").distinct().count() == 30
+    sampled = cands.where(F.col("finish_reason") != "mend")
+    assert sampled.count() == 10 * 3
+    assert sampled.select("round_id", "prompt_id", "candidate_idx").distinct().count() == 30
     assert {r.policy_id for r in cands.select("policy_id").distinct().collect()} == {rnd.policy_id}
+    # Mends: a sample edited to meet a format instruction it missed, indexed after the samples, naming its source.
+    by_key = {(r.prompt_id, r.candidate_idx): r for r in sampled.collect()}
+    mends = cands.where(F.col("finish_reason") == "mend").collect()
+    assert mends and len(mends) == rnd.metrics["candidates_mended"]
+    from tao_spark.rewards import reward_text
+    from tao_spark.rewards.verifiers import instruction_following
+
+    texts = {r.prompt_id: reward_text([m.asDict() for m in r.messages]) for r in tables.read("prompts").collect()}
+    for m in mends:
+        src = by_key[(m.prompt_id, json.loads(m.sampling)["mend_of"])]
+        assert m.candidate_idx == src.candidate_idx + 3 and m.completion != src.completion
+        assert instruction_following([texts[m.prompt_id]], [m.completion]) > \
+            instruction_following([texts[m.prompt_id]], [src.completion])
 
     scores = tables.read("scores").where(F.col("purpose") == "train")
     names = {r.reward_name for r in scores.select("reward_name").distinct().collect()}
     assert names == {r.name for r in cfg.score.rewards} | {"combined"}
-    assert scores.count() == 30 * len(names)
+    assert scores.count() == (30 + len(mends)) * len(names)
 
     prefs = tables.read("preferences").collect()
     assert len(prefs) == rnd.metrics["pairs"] > 0
@@ -192,7 +206,8 @@ def test_killed_round_resumes_without_duplicate_or_missing_rows(spark, tmp_path,
     assert 0 < partial < 10 * 3, "the kill should land between generate's chunk commits"
 
     rnd = loop.run_round(tables, cfg)
-    cands = tables.read("candidates").where((F.col("round_id") == rnd.round_id) & (F.col("purpose") == "train"))
+    cands = tables.read("candidates").where((F.col("round_id") == rnd.round_id) & (F.col("purpose") == "train")
+                                            & (F.col("finish_reason") != "mend"))
     assert cands.count() == 30
     assert cands.select("prompt_id", "candidate_idx").distinct().count() == 30
     assert tables.read("rounds").count() == 1 and rnd.status == "done"
