@@ -27,7 +27,16 @@ ANSWER = ("Sure, here is my answer. Rome was founded, legend says, in 753 BC. It
     ("Describe Rome. Give your answer a title in double angular brackets, like <<a title>>.", ("title",),
      lambda t: t.startswith("<<Sure Here Is My Answer>>\n\n")),
     ("Describe Rome. Write each word on a new line.", ("format:newline",), lambda t: len(t.splitlines()) == 25),
-    # IFBench's kinds, checked by its own checkers (through if-verifiable's registry).
+    ('Describe Rome. Format your entire answer as a JSON object that has the key "summary".', ("json_key",),
+     lambda t: json.loads(t) == {"summary": ANSWER}),
+    # IFEval's and IFBench's kinds, checked by their own checkers (through if-verifiable's registries).
+    ("Describe Rome. Your response must have 2 sections. Mark the beginning of each section with SECTION X, "
+     "such as: SECTION 1.", ("detectable_format:multiple_sections",),
+     lambda t: t.startswith("SECTION 1\n") and "\n\nSECTION 2\n" in t),
+    ("Describe Rome. Give two different responses. Responses and only responses should be separated by 6 "
+     "asterisk symbols: ******.", ("combination:two_responses",), lambda t: t.count("******") == 1),
+    ("Describe Rome. Entire output should be wrapped in JSON format.", ("detectable_format:json_format",),
+     lambda t: json.loads(t) == {"answer": ANSWER}),
     ("Describe Rome. Please use an emoji at the end of every sentence.", ("format:emoji",),
      lambda t: t.count("\u2728") == 4),
     ("Describe Rome. Create stairs by incrementally indenting each new line.", ("format:line_indent",),

@@ -19,6 +19,7 @@ would be writing the answer, which is the policy's job.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 
@@ -140,6 +141,16 @@ def _thesis(text: str) -> str | None:
     return f"<i>{sents[0]}</i>\n{' '.join(sents[1:])}" if len(sents) >= 2 else None
 
 
+def _sections(text: str, n: int, marker: str) -> str | None:
+    groups = _groups(text, n)
+    return "\n\n".join(f"{marker} {i}\n{g}" for i, g in enumerate(groups, 1)) if groups and marker else None
+
+
+def _two_responses(text: str) -> str | None:
+    halves = _groups(text, 2)
+    return f"{halves[0]}\n******\n{halves[1]}" if halves and halves[0] != halves[1] else None
+
+
 def _no_commas(text: str) -> str:
     return re.sub(r"\s*,\s*", " ", re.sub(r"(?<=\d),(?=\d{3}\b)", "", text))
 
@@ -163,7 +174,7 @@ def _num(c: Constraint, key: str) -> int:
 Edit = Callable[[Constraint, str], "str | None"]
 
 # Applied in this order: what decides the content's extent first, then its layout, then its case and punctuation,
-# then what wraps it (an opening phrase, a closing phrase, a title, quotes last so they enclose everything).
+# then what wraps it (an opening phrase, a closing phrase, a title, quotes, and JSON last so it encloses everything).
 _EDITS: list[tuple[str, Edit]] = [
     ("repeat:repeat_simple", lambda c, t: None),  # filled in per prompt by ``mend`` (the sentence is in the prompt)
     ("repeat:repeat_span", lambda c, t: " ".join(str(_arg(c, "prompt_to_repeat", "")).split()
@@ -178,6 +189,9 @@ _EDITS: list[tuple[str, Edit]] = [
     ("bullets", lambda c, t: _bullets(t, c.n)),
     ("detectable_format:number_bullet_lists", lambda c, t: _bullets(t, _num(c, "num_bullets"))),
     ("length_constraints:number_paragraphs", lambda c, t: _paragraphs(t, _num(c, "num_paragraphs"))),
+    ("detectable_format:multiple_sections",
+     lambda c, t: _sections(t, _num(c, "num_sections"), str(_arg(c, "section_spliter", "")))),
+    ("combination:two_responses", lambda c, t: _two_responses(t)),
     ("format:output_template", lambda c, t: _template(t)),
     ("format:sub-bullets", lambda c, t: _sub_bullets(t)),
     ("format:no_bullets_bullets", lambda c, t: _prose_then_bullets(t)),
@@ -204,6 +218,8 @@ _EDITS: list[tuple[str, Edit]] = [
     ("detectable_format:title", lambda c, t: _title(t)),
     ("quotes", lambda c, t: f'"{t.strip()}"'),
     ("startend:quotation", lambda c, t: f'"{t.strip()}"'),
+    ("json_key", lambda c, t: json.dumps({c.text: t.strip()}, ensure_ascii=False) if c.text else None),
+    ("detectable_format:json_format", lambda c, t: json.dumps({"answer": t.strip()}, ensure_ascii=False)),
 ]
 _ORDER = {kind: i for i, (kind, _) in enumerate(_EDITS)}
 _EDIT = dict(_EDITS)
