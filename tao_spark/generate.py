@@ -122,7 +122,7 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
     # The round's policy (the champion when loop.start_from is champion) is what the rows record as theirs.
     res = sample(tables, train, round_id=rnd.round_id, purpose="train", model=dataclasses.replace(cfg.model, path=uri),
                  model_path=path, policy_id=pid, cfg=cfg.generate)
-    mended = add_mends(tables, train, round_id=rnd.round_id, n=cfg.generate.n) if cfg.generate.mend else 0
+    mended = add_mends(tables, train, round_id=rnd.round_id) if cfg.generate.mend else 0
     cands = tables.read("candidates").where((F.col("round_id") == rnd.round_id) & (F.col("purpose") == "train"))
     # Tokens and the length cap are the sampler's: a mend generated nothing.
     sampled = F.col("finish_reason") != "mend"
@@ -208,17 +208,21 @@ def _mend_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         yield pd.DataFrame(rows, columns=columns("candidates"))
 
 
-def add_mends(tables: Tables, prompts: DataFrame, *, round_id: str, n: int) -> int:
+# A mend's index: its source's plus this, clear of any sample index whatever generate.n is or later becomes.
+MEND_OFFSET = 10_000
+
+
+def add_mends(tables: Tables, prompts: DataFrame, *, round_id: str) -> int:
     """Add the mend of each training sample that an edit of its own text brings closer to its prompt's
     instructions (``rewards.mend``: case, commas, an opening or closing phrase, a word limit, bullets...) as a
-    candidate of the round: index ``n + `` its source's, ``finish_reason`` ``mend``, its source and edits in
+    candidate of the round: index ``MEND_OFFSET +`` its source's, ``finish_reason`` ``mend``, its source and edits in
     ``sampling``. Scored and selected like any candidate, a mend is the chosen side its source could not be. A re-run
     inserts only mends not yet there. Returns how many the round has."""
     this = (F.col("round_id") == round_id) & (F.col("purpose") == "train")
     cands = tables.read("candidates").where(this)
-    src = (cands.where((F.col("finish_reason") != "mend") & (F.col("candidate_idx") < n))
+    src = (cands.where(F.col("finish_reason") != "mend")
            .join(prompts.select("prompt_id", F.to_json("messages").alias("messages_json")), "prompt_id")
-           .withColumn("mend_idx", F.col("candidate_idx") + F.lit(n)))
+           .withColumn("mend_idx", F.col("candidate_idx") + F.lit(MEND_OFFSET)))
     rows = src.mapInPandas(_mend_partition, CANDIDATE_SCHEMA).toPandas()
     if len(rows):
         tables.merge("candidates", tables.frame("candidates", rows))
@@ -229,7 +233,8 @@ def add_mends(tables: Tables, prompts: DataFrame, *, round_id: str, n: int) -> i
 
 def _missing(tables: Tables, prompts: DataFrame, round_id: str, purpose: str, n: int) -> DataFrame:
     """Prompts of ``prompts`` that do not yet have all ``n`` candidates in this round."""
-    done = (tables.read("candidates").where((F.col("round_id") == round_id) & (F.col("purpose") == purpose))
+    done = (tables.read("candidates").where((F.col("round_id") == round_id) & (F.col("purpose") == purpose)
+                                            & (F.col("finish_reason") != "mend"))
             .groupBy("prompt_id").count().where(F.col("count") >= n).select("prompt_id"))
     return prompts.select("prompt_id", "task", F.to_json("messages").alias("messages_json")).join(
         done, "prompt_id", "left_anti")

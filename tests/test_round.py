@@ -15,7 +15,7 @@ import pytest
 import yaml
 from pyspark.sql import functions as F
 
-from tao_spark import loop
+from tao_spark import generate, loop
 from tao_spark.config import load_config
 from tao_spark.data import SAMPLE_PROMPTS
 from tao_spark.ingest import ingest
@@ -81,7 +81,7 @@ def test_round_end_to_end(spark, tmp_path, tiny_model):
     texts = {r.prompt_id: reward_text([m.asDict() for m in r.messages]) for r in tables.read("prompts").collect()}
     for m in mends:
         src = by_key[(m.prompt_id, json.loads(m.sampling)["mend_of"])]
-        assert m.candidate_idx == src.candidate_idx + 3 and m.completion != src.completion
+        assert m.candidate_idx == src.candidate_idx + generate.MEND_OFFSET and m.completion != src.completion
         assert instruction_following([texts[m.prompt_id]], [m.completion]) > \
             instruction_following([texts[m.prompt_id]], [src.completion])
 
@@ -252,7 +252,6 @@ def test_candidates_name_the_rounds_policy_and_reuse_keys_on_dtype(spark, tmp_pa
     import dataclasses
     import shutil
 
-    from tao_spark import generate
     from tao_spark.models import model_id
 
     cfg = load_config(_config_file(tmp_path), _overrides(tmp_path / "home", tiny_model) + ["generate.max_prompts=4"])
