@@ -200,7 +200,7 @@ def _mend_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
                 continue
             text, kinds = got
             rows.append({**{c: getattr(r, c) for c in columns("candidates")}, "candidate_idx": r.mend_idx,
-                         "completion": text, "finish_reason": "mend",
+                         "completion": text, "finish_reason": "mend", "reused_from": None,  # made here, now
                          # The source's token count scaled by length: select orders equal scores by it.
                          "tokens": max(1, round(r.tokens * len(text) / max(len(r.completion), 1))),
                          "sampling": json.dumps({"mend_of": int(r.candidate_idx), "kinds": list(kinds)}),
