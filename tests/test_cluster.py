@@ -375,7 +375,8 @@ def test_catalog_tables_by_name_over_spark_connect(local_cluster: tuple[cluster.
         "rnd = q('SELECT round_id, status, prompts_version, mlflow_run_id FROM tao_test.rounds')\n"
         "v = rnd[0]['prompts_version']\n"
         "print(json.dumps({'rounds': rnd, 'tables': sorted(r['tableName'] for r in q('SHOW TABLES IN tao_test')),\n"
-        "  'train': q(\"SELECT count(*) AS n FROM tao_test.candidates WHERE purpose = 'train'\")[0]['n'],\n"
+        "  'train': q(\"SELECT count(*) AS n FROM tao_test.candidates WHERE purpose = 'train' \"\n"
+        "             \"AND finish_reason != 'mend'\")[0]['n'],\n"
         "  'pinned': q(f'SELECT count(*) AS n FROM tao_test.prompts VERSION AS OF {v}')[0]['n'],\n"
         "  'now': q('SELECT count(*) AS n FROM tao_test.prompts')[0]['n']}))\n"
     )
@@ -398,7 +399,8 @@ def test_catalog_tables_by_name_over_spark_connect(local_cluster: tuple[cluster.
     beeline = cluster._spark_home() / "bin" / "beeline"
     r = subprocess.run([str(beeline), "-u", state.jdbc_url, "--silent=true", "--outputformat=csv2", "-e",
                         f"SELECT count(*) AS n FROM tao_test.prompts VERSION AS OF {v}; "
-                        "SELECT count(*) AS n FROM tao_test.candidates WHERE purpose = 'train'; "
+                        "SELECT count(*) AS n FROM tao_test.candidates WHERE purpose = 'train' "
+                        "AND finish_reason != 'mend'; "
                         "SELECT count(*) AS n FROM tao_test.preferences"],
                        env={**os.environ, "SPARK_HOME": str(cluster._spark_home())}, capture_output=True, text=True,
                        timeout=300)

@@ -221,17 +221,17 @@ def test_real_model_converts_answers_and_is_fast(tmp_path: Path) -> None:
                                max_new_tokens=32, seeds=[0])
     assert "4" in answer.text and answer.finish_reason == "stop"
 
-    questions = ["What is 2+2?", "Name three colors.", "What is the capital of France?", "Say hello in Spanish.",
-                 "Give me a word that rhymes with cat.", "What is 10 times 3?", "Name a planet.",
+    # Four prompts of different lengths (padding in the batch); speed is measured in bench/, not here.
+    questions = ["What is 2+2?", "Name three colors.", "Give me a word that rhymes with cat.",
                  "Write one sentence about dogs."]
     chats = [[{"role": "user", "content": q}] for q in questions]
     t0 = time.perf_counter()
-    outs = g.generate(chats, n=4, temperature=0.8, top_p=0.95, max_new_tokens=64, seeds=list(range(len(chats))))
+    outs = g.generate(chats, n=2, temperature=0.8, top_p=0.95, max_new_tokens=48, seeds=list(range(len(chats))))
     sample_s = time.perf_counter() - t0
     tokens = sum(c.tokens for o in outs for c in o)
     print(f"\nconvert {convert_s:.1f} s, load {load_s:.1f} s, sampling {tokens} tokens in {sample_s:.1f} s "
-          f"= {tokens / sample_s:.1f} tokens/s (n=4, {len(chats)} prompts, 2 threads)", file=sys.stderr)
-    assert all(len(o) == 4 for o in outs) and tokens > 0
+          f"(n=2, {len(chats)} prompts, 2 threads)", file=sys.stderr)
+    assert all(len(o) == 2 for o in outs) and tokens > 0
 
     # The real model's 30 layers of grouped-query attention through the decode kernel: the same greedy answers
     # as transformers' own generate with SDPA, to the token, over answers long enough for rounding to show.

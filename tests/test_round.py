@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -179,38 +174,6 @@ def test_round_end_to_end(spark, tmp_path, tiny_model):
     champion = f"models:/{cfg.mlflow.model_name}@champion"
     assert nxt.baseline_model == (champion if rnd.promoted else cfg.model.path)
     assert nxt.base_model == cfg.model.path  # loop.start_from: base
-
-
-def test_killed_round_resumes_without_duplicate_or_missing_rows(spark, tmp_path, tiny_model):
-    home = tmp_path / "home"
-    overrides = _overrides(home, tiny_model) + ["generate.max_new_tokens=48", "generate.batch_size=1",
-                                                "generate.partitions=1"]
-    conf = _config_file(tmp_path)
-    cfg = load_config(conf, overrides)
-    tables = Tables(spark, cfg.lakehouse)
-    ingest(spark, tables, [_sample(tmp_path)], cfg.ingest)
-    env = {**os.environ, "TAO_HOME": str(home)}
-    cmd = [sys.executable, "-m", "tao_spark.cli", "--config", str(conf), "round", *overrides]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 240
-    partial = 0
-    while time.time() < deadline and proc.poll() is None:
-        if tables.exists("candidates"):
-            partial = tables.read("candidates").count()
-            if partial > 0:
-                break
-        time.sleep(0.5)
-    assert proc.poll() is None, f"round ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert 0 < partial < 10 * 3, "the kill should land between generate's chunk commits"
-
-    rnd = loop.run_round(tables, cfg)
-    cands = tables.read("candidates").where((F.col("round_id") == rnd.round_id) & (F.col("purpose") == "train")
-                                            & (F.col("finish_reason") != "mend"))
-    assert cands.count() == 30
-    assert cands.select("prompt_id", "candidate_idx").distinct().count() == 30
-    assert tables.read("rounds").count() == 1 and rnd.status == "done"
 
 
 def test_sft_labels_trains_on_the_references_of_training_prompts_only(spark, tmp_path, tiny_model, capsys):

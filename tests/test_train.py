@@ -211,7 +211,8 @@ def _resume_cfg(method: str = "dpo") -> TrainConfig:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("method", ["dpo", "sft"])
+# SFT resumes through the same TRL checkpoint code as DPO: its run is in `make test-slow`, not in every CI run.
+@pytest.mark.parametrize("method", ["dpo", pytest.param("sft", marks=pytest.mark.slow)])
 def test_training_killed_mid_way_resumes_to_the_same_model(method: str, tiny_model: Path, tmp_path: Path,
                                                            spark: Any) -> None:
     """SIGKILL after a checkpoint, re-run: the same number of optimizer steps in total and the same adapter as a
