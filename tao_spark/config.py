@@ -203,7 +203,21 @@ class SelectConfig:
 
 
 @section
-class TrainConfig:
+class LoraFields:
+    """The LoRA adapter of a trained model: the policy's (``train``) and the reward model's (``reward_model``)."""
+    lora_r: int = _f(16, "LoRA rank", ge=1)
+    lora_alpha: int = _f(32, "LoRA alpha")
+    lora_dropout: float = _f(0.0, "LoRA dropout", ge=0, lt=1)
+    lora_target_modules: list[str] = _f([], "modules that get adapters")
+
+    def lora_args(self) -> dict[str, Any]:
+        """Keyword arguments of ``peft.LoraConfig`` (task_type aside)."""
+        return {"r": self.lora_r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
+                "target_modules": list(self.lora_target_modules)}
+
+
+@section
+class TrainConfig(LoraFields):
     method: str = _f("dpo", "dpo (TRL DPOTrainer on pairs), sft (best-of-N through SFTTrainer) or sft_labels "
                             "(supervised baseline: SFTTrainer on train.references' answers to the training prompts)",
                             choices=("dpo", "sft", "sft_labels"))
@@ -216,9 +230,6 @@ class TrainConfig:
                                        "task on the executors; unset: the executors when the session is a cluster "
                                        "(JVM Spark or a Connect server whose master is not local[*]), else here")
     use_gpu: bool = _f(False, "train on GPUs")
-    lora_r: int = _f(16, "LoRA rank", ge=1)
-    lora_alpha: int = _f(32, "LoRA alpha")
-    lora_dropout: float = _f(0.0, "LoRA dropout", ge=0, lt=1)
     lora_target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                         "modules that get adapters")
     merge: bool = _f(True, "also save a merged model (same inference cost as the base)")
@@ -234,7 +245,7 @@ class TrainConfig:
 
 
 @section
-class RewardModelConfig:
+class RewardModelConfig(LoraFields):
     name: str = _f("tao-reward", "registered model name of the trained reward model")
     backbone: str = _f("minilm-l6", "minilm-l6 (bundled all-MiniLM-L6-v2: best held-out accuracy per second on CPU), "
                                     "smollm2-135m-instruct, a local HF folder or a models:/ URI")
@@ -244,9 +255,6 @@ class RewardModelConfig:
     num_processes: int = _f(1, "TorchDistributor processes", ge=1)
     local_mode: bool | None = _f(None, "as train.local_mode: unset follows the session (executors on a cluster)")
     use_gpu: bool = _f(False, "train on GPUs")
-    lora_r: int = _f(16, "LoRA rank", ge=1)
-    lora_alpha: int = _f(32, "LoRA alpha")
-    lora_dropout: float = _f(0.0, "LoRA dropout", ge=0, lt=1)
     lora_target_modules: list[str] = _f([], "modules that get adapters; [] = the backbone's attention projections "
                                             "(query/key/value/dense for BERT, q/k/v/o_proj for Llama)")
     trl: dict[str, Any] = _f({}, "passed straight to RewardConfig (learning_rate, num_train_epochs, ...)")

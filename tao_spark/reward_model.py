@@ -140,8 +140,7 @@ def train(pairs: list[dict[str, Any]], backbone_path: str, out_dir: str, cfg: Re
             "bf16": cfg.use_gpu, **cfg.trl}
     spec = {"model_path": backbone_path, "out_dir": str(out), "max_length": cfg.max_length, "args": args,
             "use_gpu": cfg.use_gpu,
-            "lora": {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-                     "target_modules": list(cfg.lora_target_modules)}}
+            "lora": cfg.lora_args()}
     # The policy's launcher: on a cluster the reward model trains on the executors too (its folder must then be
     # on storage they share, as the policy's is). The encoding it scores with travels with the worker.
     launch(reward_worker, spec, TrainConfig(num_processes=cfg.num_processes, use_gpu=cfg.use_gpu,
