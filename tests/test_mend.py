@@ -105,3 +105,31 @@ def test_a_mend_never_scores_below_its_source_on_the_bundled_prompts():
         assert all(a for b, a in zip(before, after, strict=True) if b), prompt
         assert sum(map(bool, after)) > sum(map(bool, before)), prompt
     assert mended > len(prompts) // 3
+
+
+def test_mends_of_malformed_answers_to_prompts_nobody_here_wrote_never_raise():
+    """IFBench's prompts and the bundled ones against answers made of fragments a broken generation leaves (open
+    braces and fences, markers, empty lines, zero-width spaces, emoji): generate must not fail on a mend, and what
+    is mended still keeps every instruction its source met."""
+    from tao_spark.rewards.verifiers import check_constraint
+    from tests.test_instructions import _ifbench
+
+    prompts = [r["prompt"] for r in _ifbench()]
+    prompts += [json.loads(line).get("prompt") or json.loads(line)["messages"][-1]["content"]
+                for line in SAMPLE_PROMPTS.read_text().splitlines()]
+    pieces = ["", " ", "\n", "\n\n", "***", "* ", "- ", "1. ", "{", "}", "[", "]", '"', "```json\n", "```", "P.S.",
+              "<<", ">>", "Hello, world.", "THE END", "a" * 300, "\U0001f600", "\t", "  - sub", "# Title", "SECTION 1",
+              "\u200b", ",", "?", "Answer: 42", "null", '{"a": 1}', "Paragraph one.\n\nParagraph two.", "word " * 50]
+    rng = random.Random(1)
+    mended = 0
+    for prompt in prompts:
+        for _ in range(4):
+            answer = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 20)))
+            got = mend(prompt, answer)
+            if got is not None:
+                mended += 1
+                cs = parse_constraints(prompt)
+                before = [check_constraint(c, answer) for c in cs]
+                after = [check_constraint(c, got[0]) for c in cs]
+                assert all(a for b, a in zip(before, after, strict=True) if b), (prompt, answer)
+    assert mended > 50
