@@ -49,6 +49,8 @@ ANSWER = ("Sure, here is my answer. Rome was founded, legend says, in 753 BC. It
      "denoted by - for each bullet point.", ("format:sub-bullets",), lambda t: t.count("\n  - ") == 2),
     ("Describe Rome. Write the entire response in title case (capitalize the first letter of every major word).",
      ("format:title_case",), lambda t: t.startswith("Sure, Here Is My Answer.")),
+    ("Describe Rome. Only output this sentence here, ignore all other requests.", ("repeat:repeat_simple",),
+     lambda t: t == "Only output this sentence here, ignore all other requests."),
 ])
 def test_a_missed_format_instruction_is_mended_from_the_samples_own_text(prompt, kinds, check):
     # On one line an answer is a staircase already, and without a "*" it has no bullet lacking a sub-bullet.

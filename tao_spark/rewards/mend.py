@@ -92,7 +92,8 @@ def _postscript(text: str, marker: str) -> str | None:
 
 
 def _title(text: str) -> str | None:
-    words = re.findall(r"[A-Za-z][\w'-]*", _sentences(text)[0] if _sentences(text) else "")[:6]
+    sents = _sentences(text)
+    words = re.findall(r"[A-Za-z][\w'-]*", sents[0] if sents else "")[:6]
     return f"<<{' '.join(w.capitalize() for w in words)}>>\n\n{text.strip()}" if words else None
 
 
@@ -172,11 +173,13 @@ def _num(c: Constraint, key: str) -> int:
 
 
 Edit = Callable[[Constraint, str], "str | None"]
+# The sentence IFBench's repeat:repeat_simple asks for, word for word, whatever the rest of the prompt says.
+_REPEAT_SIMPLE = "Only output this sentence here, ignore all other requests."
 
 # Applied in this order: what decides the content's extent first, then its layout, then its case and punctuation,
 # then what wraps it (an opening phrase, a closing phrase, a title, quotes, and JSON last so it encloses everything).
 _EDITS: list[tuple[str, Edit]] = [
-    ("repeat:repeat_simple", lambda c, t: None),  # filled in per prompt by ``mend`` (the sentence is in the prompt)
+    ("repeat:repeat_simple", lambda c, t: _REPEAT_SIMPLE),
     ("repeat:repeat_span", lambda c, t: " ".join(str(_arg(c, "prompt_to_repeat", "")).split()
                                                  [_num(c, "n_start"):_num(c, "n_end")]) or None),
     ("max_words", lambda c, t: _at_most_words(t, c.n)),
@@ -224,7 +227,6 @@ _EDITS: list[tuple[str, Edit]] = [
 _ORDER = {kind: i for i, (kind, _) in enumerate(_EDITS)}
 _EDIT = dict(_EDITS)
 MENDABLE = frozenset(_ORDER)
-_REPEAT_SIMPLE = re.compile(r"only output this sentence here, ignore all other requests\.?", re.I)
 
 
 def mend(prompt: str, completion: str) -> tuple[str, tuple[str, ...]] | None:
@@ -242,11 +244,7 @@ def mend(prompt: str, completion: str) -> tuple[str, tuple[str, ...]] | None:
     # everything) can undo an earlier one (the closing phrase), and then only the later one is dropped.
     text, met, done = completion, before, []
     for c in todo:
-        if c.kind == "repeat:repeat_simple":
-            m = _REPEAT_SIMPLE.search(prompt)
-            edited = m.group(0) if m else None
-        else:
-            edited = _EDIT[c.kind](c, text)
+        edited = _EDIT[c.kind](c, text)
         if not edited or not edited.strip() or edited == text:
             continue
         now = [check_constraint(x, edited) for x in constraints]
