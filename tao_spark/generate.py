@@ -152,9 +152,10 @@ def sample(
     sampling = Sampling.of(cfg, model.dtype)
     tables.ensure("candidates")
     total = prompts.count()
-    reused = _reuse(tables, _missing(tables, prompts, round_id, purpose, sampling.n), round_id=round_id,
-                    purpose=purpose, policy_id=policy_id, sampling=sampling)
     todo = _missing(tables, prompts, round_id, purpose, sampling.n)
+    reused = _reuse(tables, todo, round_id=round_id, purpose=purpose, policy_id=policy_id, sampling=sampling)
+    if reused:  # else what is missing has not changed: one look less (a few jobs on a cluster)
+        todo = _missing(tables, prompts, round_id, purpose, sampling.n)
     ids = sorted(r.prompt_id for r in todo.select("prompt_id").collect())
     if reused:
         log.info(f"tao: generate[{purpose}]: reused {reused} candidates of earlier rounds (same policy, sampling "

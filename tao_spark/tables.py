@@ -320,6 +320,10 @@ class Tables:
         import pyarrow as pa
 
         schema = arrow_schema(self.spark, name)
+        if isinstance(rows, pd.DataFrame) and rows.attrs:
+            # Spark Connect's toPandas leaves its plan metrics in attrs, which Arrow cannot keep (it warns).
+            rows = rows.copy(deep=False)
+            rows.attrs = {}
         data = (pa.Table.from_pandas(rows, schema=schema, preserve_index=False) if isinstance(rows, pd.DataFrame)
                 else pa.Table.from_pylist(rows, schema=schema))
         return self.spark.createDataFrame(data)

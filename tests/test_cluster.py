@@ -53,6 +53,8 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[cl
     print(f"cluster start: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     state = cluster.ClusterState(**json.loads(r.stdout))
     assert set(state.pids) == {"master", "worker-1", "worker-2", "connect"}
+    # The SQL server's first Delta commit and Python worker were paid by `start` and left nothing behind.
+    assert "SQL server warmed up" in r.stderr and not (home / "cluster" / "warm-up").exists()
     try:
         yield state, home
     finally:
