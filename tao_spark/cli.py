@@ -371,11 +371,12 @@ def _status_row(row: dict[str, Any]) -> dict[str, Any]:
         return "" if v is None or v != v else f"{float(v):.3f}"
 
     out = {k: v for k, v in row.items() if k not in ("win_rate", "win_rate_low", "win_rate_high", "champion_reward",
-                                                      "challenger_reward", "forgetting")}
+                                                      "challenger_reward", "forgetting", "train_loss_last")}
     out["win_rate"] = (f"{f3(row.get('win_rate'))} [{f3(row.get('win_rate_low'))}, {f3(row.get('win_rate_high'))}]"
                        if f3(row.get("win_rate")) else "")
     out["reward"] = f"{f3(row.get('champion_reward'))} -> {f3(row.get('challenger_reward'))}"
     out["forgetting"] = f3(row.get("forgetting"))
+    out["train_loss"] = f3(row.get("train_loss_last"))
     return out
 
 

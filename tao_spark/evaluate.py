@@ -118,7 +118,7 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
     if len(sample):
         ev = ev.model_copy(update={"forgetting_prompts": len(sample), "forgetting": float(
             sample.champion_reward.mean() - sample.challenger_reward.mean())})
-    return StageResult(metrics={"evaluation": ev.model_dump()},
+    return StageResult(record=ev,
                        versions=versions(tables, "candidates", "scores", "evaluations"))
 
 

@@ -29,7 +29,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
 from tao_spark.config import Config, GenerateConfig, ModelConfig
-from tao_spark.rounds import Round, StageResult, policy, split, versions
+from tao_spark.rounds import Generated, Round, StageResult, policy, split, versions
 from tao_spark.tables import SCHEMAS, Tables, columns
 
 log = logging.getLogger("tao.generate")
@@ -134,9 +134,9 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
         fields={"policy_id": pid, "n_train": train.count(), "n_holdout": holdout.count(),
                 "n_prompts": tables.read("prompts", version=rnd.prompts_version).count(),
                 "reused_candidates": reused, "new_candidates": agg.n - reused - mended},
-        counts={"candidates": agg.n, "candidates_reused": reused, "candidates_new": agg.n - reused - mended,
-                "candidates_mended": mended, "tokens_generated": agg.tok or 0},
-        metrics={"candidates_length_capped": agg.capped, "generate_tokens_per_s_last_run": res.tokens_per_second},
+        record=Generated(candidates=agg.n, candidates_reused=reused, candidates_new=agg.n - reused - mended,
+                         candidates_mended=mended, tokens_generated=agg.tok or 0, candidates_length_capped=agg.capped,
+                         generate_tokens_per_s_last_run=res.tokens_per_second),
         versions=versions(tables, "candidates"),
     )
 

@@ -24,7 +24,7 @@ from tao_spark import coverage, evaluate, generate, registry, score, select, tra
 from tao_spark.config import STAGES as NAMES
 from tao_spark.config import Config, UserError
 from tao_spark.locks import acquire, release
-from tao_spark.rounds import Round, StageResult, count_new, finished, latest_open, save
+from tao_spark.rounds import Generated, Round, Selected, StageResult, count_new, finished, latest_open, save
 from tao_spark.tables import TableNotFound, Tables
 
 log = logging.getLogger("tao.loop")
@@ -90,7 +90,7 @@ def run_stage(tables: Tables, rnd: Round, stage: str, cfg: Config) -> Round:
     log.info(f"tao: {stage}: started for {rnd.round_id}")
     t0 = time.perf_counter()
     res = STAGES[stage](tables, rnd, cfg)
-    m = {**rnd.metrics, **res.counts, **res.metrics}
+    m = {**rnd.metrics, **res.metrics}
     m["table_versions"] = {**m.get("table_versions", {}), **res.versions}
     m[f"time_{stage}_s"] = m.get(f"time_{stage}_s", 0.0) + time.perf_counter() - t0
     rnd = dataclasses.replace(rnd, **res.fields, metrics=m, status="done" if stage == names[-1] else stage)
@@ -150,10 +150,12 @@ def report(rnd: Round, cfg: Config) -> str:
     m = rnd.metrics
     lines = [f"TAO round {rnd.round_id} on prompts@v{rnd.prompts_version} ({rnd.n_prompts} prompts: "
              f"{rnd.n_train} train, {rnd.n_holdout} held out)"]
-    lines.append(f"  candidates      {m.get('candidates', 0)} ({m.get('tokens_generated', 0)} tokens, "
-                 f"{100 * (m.get('candidates_length_capped') or 0):.0f}% hit max_new_tokens; "
-                 f"{m.get('candidates_mended', 0)} of them mends)")
-    lines.append(f"  pairs built     {m.get('pairs', 0)}")
+    gen, sel = rnd.record(Generated), rnd.record(Selected)
+    if gen:
+        lines.append(f"  candidates      {gen.candidates} ({gen.tokens_generated} tokens, "
+                     f"{100 * (gen.candidates_length_capped or 0):.0f}% hit max_new_tokens; "
+                     f"{gen.candidates_mended} of them mends)")
+    lines.append(f"  pairs built     {sel.pairs if sel else 0}")
     if m.get("coverage"):
         cov = m["coverage"]
         per_task = ", ".join(f"{t} {v['floor_only']}/{v['prompts']}" for t, v in cov["tasks"].items())

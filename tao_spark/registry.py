@@ -260,7 +260,7 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
 
     from tao_spark import evaluate
     from tao_spark.rewards.plots import reward_length_figure
-    from tao_spark.rounds import StageResult, folder
+    from tao_spark.rounds import StageResult, Trained, folder
 
     m = rnd.metrics
     record = rnd.evaluation()
@@ -272,7 +272,8 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
     tuned = pd.DataFrame({"task": ev.task, "reward": ev.challenger_reward, "tokens": ev.challenger_tokens})
     figures = {**evaluate.figures(ev, record.per_task if record else {}),
                "reward_vs_length": reward_length_figure(tuned, "tuned model: reward vs. answer length (held out)")}
-    curves = m.get("train_curves") or {"loss": m.get("train_loss_history", [])}
+    trained = rnd.record(Trained)
+    curves = (trained.curves or {"loss": trained.loss_history}) if trained else {}
     reg = register(
         cfg, round_id=rnd.round_id, prompts_source=tables.lineage("prompts"), prompts_version=rnd.prompts_version,
         metrics=flat, per_task=per_task, decision=decision,

@@ -6,7 +6,10 @@
 
 A round pins one version of the prompt log; every stage reads its prompts through ``split`` on that
 version, so a stage re-run after a crash, or on another machine, sees exactly the prompts the round started
-with. A stage returns a ``StageResult``; the loop folds it into the round and saves the row.
+with. A stage returns a ``StageResult``: the fields of the row it sets and its typed record (``Generated``,
+``Scored``, ``Selected``, ``Trained``, ``Evaluation``), which the loop folds into ``rounds.metrics`` and saves with
+the row. ``Round.record(Kind)`` reads a record back, validated: ``tao status``, the report, the gate and MLflow all
+read the same figures, and a renamed or missing one is an error, not a silent gap.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ import dataclasses
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self, TypeVar
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -66,9 +69,98 @@ class Round:
         """The evaluate stage's typed result (None before it ran)."""
         return read_evaluation(self.metrics, self.round_id)
 
+    def record(self, kind: type[R]) -> R | None:
+        """A stage's typed record (``Generated``, ``Scored``, ``Selected``, ``Trained``), None before it ran."""
+        return kind.read(self.metrics, self.round_id)
+
     def done(self, stage: str) -> bool:
         order = list(STAGES)
         return self.status == "done" or (self.status in STAGES and order.index(self.status) >= order.index(stage))
+
+
+class Record(BaseModel):
+    """A stage's figures. ``rounds.metrics`` keeps them as flat keys (the names MLflow shows and SQL reads:
+    ``get_json_object(metrics, '$.pairs')``); a record validates the keys it owns when the stage writes them and
+    when anything reads them back."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    prefix: ClassVar[str] = ""  # keys under this prefix that no field names are the record's too (extra="allow")
+
+    def to_metrics(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True)
+
+    @classmethod
+    def upgrade(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """Keys as an earlier version wrote them, renamed to today's (none unless a record says so)."""
+        return raw
+
+    @classmethod
+    def read(cls, metrics: dict[str, Any], round_id: str) -> Self | None:
+        keys = {f.alias or name for name, f in cls.model_fields.items()}
+        raw = cls.upgrade({k: v for k, v in metrics.items() if k in keys or (cls.prefix and k.startswith(cls.prefix))})
+        if not raw:
+            return None
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise UserError(f"round {round_id}: its {cls.__name__.lower()} record does not validate "
+                            f"({e.error_count()} errors, first: {'.'.join(map(str, e.errors()[0]['loc']))} "
+                            f"{e.errors()[0]['msg']})") from None
+
+
+R = TypeVar("R", bound=Record)
+
+
+class Generated(Record):
+    """The generate stage: the round's training candidates (samples and mends) and what sampling them cost."""
+
+    candidates: int
+    candidates_reused: int  # copied from an earlier round with the same policy, sampling and seed
+    candidates_new: int
+    candidates_mended: int = 0
+    tokens_generated: int
+    candidates_length_capped: float | None = None  # share of samples cut at max_new_tokens
+    generate_tokens_per_s_last_run: float = 0.0
+
+
+class Scored(Record):
+    """The score stage: the mean combined reward of the round's training candidates."""
+
+    scores_reused: int = 0  # over every run of the stage (a re-run after a kill reuses what the first scored)
+    candidate_reward_mean: float | None = None
+
+
+class Selected(Record):
+    """The select stage."""
+
+    pairs: int
+
+
+class Trained(Record):
+    """The train stage: TRL's figures under ``train_`` (loss, steps, samples, runtime and, as of the last step,
+    every per-step metric the trainer logged, such as ``train_rewards/accuracies``), and the curves MLflow draws."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    prefix: ClassVar[str] = "train_"
+
+    loss: float = Field(alias="train_loss")
+    loss_first: float = Field(alias="train_loss_first")
+    loss_last: float = Field(alias="train_loss_last")
+    steps: float = Field(alias="train_steps")
+    samples: float = Field(alias="train_samples")
+    loss_history: list[float] = Field(default=[], alias="train_loss_history")
+    curves: dict[str, list[float]] = Field(default={}, alias="train_curves")
+
+    @classmethod
+    def of(cls, metrics: dict[str, float], loss_history: list[float], curves: dict[str, list[float]]) -> Trained:
+        """From the training worker's report (its loss keys already start with ``train_``)."""
+        return cls.model_validate({**{k if k.startswith("train_") else f"train_{k}": v for k, v in metrics.items()},
+                                   "train_loss_history": loss_history, "train_curves": curves})
+
+    @classmethod
+    def upgrade(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        # Rounds written before the record was typed doubled the prefix of the loss keys (train_train_loss_last).
+        return {k.removeprefix("train_") if k.startswith("train_train_") else k: v for k, v in raw.items()}
 
 
 class Figures(BaseModel):
@@ -105,7 +197,8 @@ class Figures(BaseModel):
 
 
 class Evaluation(BaseModel):
-    """The evaluate stage's result as ``rounds`` stores it (``metrics.evaluation``) and the gate reads it."""
+    """The evaluate stage's result as ``rounds`` stores it (``metrics.evaluation``, nested: per task) and the gate
+    reads it."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -117,6 +210,9 @@ class Evaluation(BaseModel):
     def task_drops(self) -> dict[str, float]:
         """How much each task's mean reward fell from champion to challenger (positive = worse)."""
         return {t: f.champion_reward - f.challenger_reward for t, f in self.per_task.items()}
+
+    def to_metrics(self) -> dict[str, Any]:
+        return {"evaluation": self.model_dump()}
 
     def flat(self) -> dict[str, float]:
         """``eval_*`` figures (and ``forgetting``) as MLflow metrics; unset ones left out."""
@@ -154,13 +250,16 @@ def read_evaluation(metrics: dict[str, Any], round_id: str) -> Evaluation | None
 
 @dataclasses.dataclass
 class StageResult:
-    """What a stage did: ``fields`` of the round's row it sets, ``counts`` and ``metrics`` for the round's
-    metrics (and MLflow), and the Delta ``versions`` of the tables it wrote."""
+    """What a stage did: ``fields`` of the round's row it sets, its typed ``record`` (folded into the round's
+    metrics, and MLflow's), and the Delta ``versions`` of the tables it wrote."""
 
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
-    counts: dict[str, int] = dataclasses.field(default_factory=dict)
-    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    record: Record | Evaluation | None = None
     versions: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.record.to_metrics() if self.record else {}
 
 
 def versions(tables: Tables, *names: str) -> dict[str, int]:
@@ -271,6 +370,8 @@ def history(tables: Tables) -> pd.DataFrame:
                 "champion_consistency", "challenger_consistency"):
         out[key] = [getattr(e.overall, key) if e else None for e in evals]
     out["forgetting"] = [e.forgetting if e else None for e in evals]
+    trained = [Trained.read(m, rid) for m, rid in zip(metrics, pdf.round_id, strict=True)]
+    out["train_loss_last"] = [t.loss_last if t else None for t in trained]
     return out
 
 

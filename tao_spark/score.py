@@ -250,14 +250,15 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
     """The score stage: every reward of ``score.rewards`` on each of the round's training candidates."""
     from pyspark.sql import functions as F
 
-    from tao_spark.rounds import StageResult, split, versions
+    from tao_spark.rounds import Scored, StageResult, split, versions
 
     res = score_candidates(tables, split(tables, rnd, cfg)[0], round_id=rnd.round_id, purpose="train",
                            cfg=cfg.score)
     comb = tables.read("scores").where((F.col("round_id") == rnd.round_id) & (F.col("purpose") == "train")
                                        & (F.col("reward_name") == COMBINED))
-    return StageResult(counts={"scores_reused": rnd.metrics.get("scores_reused", 0) + res.reused},
-                       metrics={"candidate_reward_mean": comb.agg(F.avg("value")).first()[0]},
+    before = rnd.record(Scored)
+    return StageResult(record=Scored(scores_reused=(before.scores_reused if before else 0) + res.reused,
+                                     candidate_reward_mean=comb.agg(F.avg("value")).first()[0]),
                        versions=versions(tables, "scores"))
 
 

@@ -29,7 +29,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
 from tao_spark.config import Config, SelectConfig
-from tao_spark.rounds import Round, StageResult, versions
+from tao_spark.rounds import Round, Selected, StageResult, versions
 from tao_spark.score import COMBINED, COMBINED_RAW
 from tao_spark.tables import KEYS, Tables
 
@@ -108,7 +108,7 @@ def _finish(joined: DataFrame, cfg: SelectConfig, round_id: str) -> DataFrame:
 def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
     """The select stage: the round's scored candidates become preference pairs."""
     n = write_pairs(tables, round_id=rnd.round_id, cfg=cfg.select)
-    return StageResult(fields={"pairs": n}, counts={"pairs": n}, versions=versions(tables, "preferences"))
+    return StageResult(fields={"pairs": n}, record=Selected(pairs=n), versions=versions(tables, "preferences"))
 
 
 def write_pairs(tables: Tables, *, round_id: str, cfg: SelectConfig) -> int:

@@ -173,7 +173,7 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
     from pyspark.sql import functions as F
 
     from tao_spark.config import UserError
-    from tao_spark.rounds import StageResult, folder, policy, split
+    from tao_spark.rounds import StageResult, Trained, folder, policy, split
 
     train_prompts = split(tables, rnd, cfg)[0]
     train_cfg = cfg.train
@@ -198,8 +198,7 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
     result = train_on_pairs(pairs, base_path, str(folder(cfg, rnd) / "train"), train_cfg, seed=cfg.generate.seed,
                             spark=tables.spark)
     return StageResult(fields={"tuned_model": result.merged_dir or result.adapter_dir},
-                       metrics={**{f"train_{k}": v for k, v in result.metrics.items()},
-                                "train_loss_history": result.loss_history, "train_curves": result.curves})
+                       record=Trained.of(result.metrics, result.loss_history, result.curves))
 
 
 def labelled(prompts: pd.DataFrame, references: str) -> pd.DataFrame:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -117,6 +118,21 @@ def test_round_end_to_end(spark, tmp_path, tiny_model):
     assert run.data.tags["tao.prompts_version"] == str(rnd.prompts_version)
     assert run.data.metrics["pairs"] == rnd.metrics["pairs"]
     assert run.data.metrics["eval_win_rate_low"] == pytest.approx(ev.overall.win_rate_low)  # MLflow: the same record
+    # Every stage's typed record reads back from the saved row, agrees with the tables and MLflow, and a figure
+    # renamed under the record's feet is a one-line error rather than a silent gap.
+    from tao_spark.config import UserError
+    from tao_spark.rounds import Generated, Scored, Selected, Trained, load
+
+    saved = load(tables, rnd.round_id)
+    gen, sel, trained = saved.record(Generated), saved.record(Selected), saved.record(Trained)
+    assert gen.candidates == tables.read("candidates").where(
+        (F.col("round_id") == rnd.round_id) & (F.col("purpose") == "train")).count()
+    assert gen.candidates_mended == len(mends) and sel.pairs == len(prefs) and saved.record(Scored) is not None
+    assert trained.steps == run.data.metrics["train_steps"] and len(trained.loss_history) >= 1
+    broken = {**saved.metrics, "candidates_made": gen.candidates}
+    del broken["candidates"]
+    with pytest.raises(UserError, match=f"round {rnd.round_id}: its generated record does not validate"):
+        dataclasses.replace(saved, metrics=broken).record(Generated)
     (ds,) = run.inputs.dataset_inputs
     source = json.loads(ds.dataset.source)
     assert source["path"].endswith("/prompts") and source["delta_table_version"] == rnd.prompts_version
