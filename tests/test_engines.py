@@ -237,3 +237,17 @@ def test_real_model_converts_answers_and_is_fast(tmp_path: Path) -> None:
     # as transformers' own generate with SDPA, to the token, over answers long enough for rounding to show.
     greedy = g.generate(chats, n=1, temperature=0.0, top_p=1.0, max_new_tokens=64, seeds=[0] * len(chats))
     assert [o[0].text for o in greedy] == reference_greedy(path, g, chats, 64)
+
+
+def test_batch_size_auto_sizes_streams_to_free_memory(tiny_model: Path) -> None:
+    """``batch_size: auto`` keeps the CPU's default off CUDA and, on a card, fits each stream's KV cache and logits
+    in the free memory (the arithmetic checked here with SmolLM2-135M's shape; the card's figure in bench/)."""
+    from tao_spark.config import load_config
+    from tao_spark.engines import AUTO_MAX_STREAMS, CPU_STREAMS, auto_streams
+
+    assert TransformersGenerator(str(tiny_model), batch_size="auto").batch_size == CPU_STREAMS
+    assert load_config(None, ["generate.batch_size=auto"]).generate.batch_size == "auto"
+    kv = 2 * 30 * 3 * 64 * 2  # K and V, 30 layers, 3 KV heads of 64 in bfloat16: 23,040 bytes a token
+    per_stream = kv * 1024 + 8 * 49152
+    assert auto_streams(10 * 2**30, kv, 1024, 49152) == int(10 * 2**30 * 0.8) // per_stream == 358
+    assert auto_streams(200 * 2**30, kv, 1024, 49152) == AUTO_MAX_STREAMS and auto_streams(1, kv, 1024, 49152) == 1
