@@ -172,13 +172,13 @@ class TransformersGenerator:
         if self.device == "cpu" and self.model.config._attn_implementation == "sdpa":
             _register_decode_attention()
             self.model.set_attn_implementation(DECODE_ATTENTION)
-        self.batch_size = self._size(batch_size) if batch_size == "auto" else int(batch_size)
+        self.batch_size = self._auto_batch() if batch_size == "auto" else int(batch_size)
         self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config.eos_token_id)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         # Fast tokenizers raise "Already borrowed" when two threads use one at once (Sail runs UDFs as threads).
         self._tok_lock = threading.Lock()
 
-    def _size(self, _: str) -> int:
+    def _auto_batch(self) -> int:
         """``batch_size: auto``: the streams the card's free memory holds, each with a KV cache of
         ``AUTO_SEQUENCE_TOKENS`` tokens; ``CPU_STREAMS`` off CUDA, where memory is not what limits a batch."""
         import torch

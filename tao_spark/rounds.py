@@ -100,12 +100,7 @@ class Record(BaseModel):
         raw = cls.upgrade({k: v for k, v in metrics.items() if k in keys or (cls.prefix and k.startswith(cls.prefix))})
         if not raw:
             return None
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as e:
-            raise UserError(f"round {round_id}: its {cls.__name__.lower()} record does not validate "
-                            f"({e.error_count()} errors, first: {'.'.join(map(str, e.errors()[0]['loc']))} "
-                            f"{e.errors()[0]['msg']})") from None
+        return _validated(cls, raw, round_id, cls.__name__.lower())
 
 
 R = TypeVar("R", bound=Record)
@@ -240,12 +235,21 @@ def read_evaluation(metrics: dict[str, Any], round_id: str) -> Evaluation | None
     raw = _raw_evaluation(metrics)
     if raw is None:
         return None
+    return _validated(Evaluation, raw, round_id, "evaluation")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validated(kind: type[M], raw: dict[str, Any], round_id: str, what: str) -> M:
+    """``raw`` as a ``kind``; one that does not validate is a one-line error naming the round and the first field."""
     try:
-        return Evaluation.model_validate(raw)
+        return kind.model_validate(raw)
     except ValidationError as e:
-        raise UserError(f"round {round_id}: its evaluation record does not validate ({e.error_count()} errors, "
-                        f"first: {'.'.join(map(str, e.errors()[0]['loc']))} {e.errors()[0]['msg']}); it was not "
-                        "written by this version of tao_spark's evaluate stage") from None
+        first = e.errors()[0]
+        raise UserError(f"round {round_id}: its {what} record does not validate ({e.error_count()} errors, first: "
+                        f"{'.'.join(map(str, first['loc']))} {first['msg']}); it was not written by this version "
+                        "of tao_spark") from None
 
 
 @dataclasses.dataclass
