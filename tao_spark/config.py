@@ -460,12 +460,44 @@ def _validate(data: dict[str, Any]) -> Config:
         if isinstance(cause, ConfigError):  # a section's own check, which names its key already
             raise cause from None
         loc = err["loc"]
+        # An unknown key is not a field, so only its parents go through the tag filter.
+        loc = (_field_path(loc[:-1]) + loc[-1:] if err["type"] == "unexpected_keyword_argument"
+               else _field_path(loc))
         key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "config"
         if err["type"] == "unexpected_keyword_argument":
             known = ", ".join(sorted(f.name for f in dataclasses.fields(_section_at(loc))))
             raise ConfigError(f"{key}: unknown key (known: {known})") from None
+        # A field of several types (``int | "auto"``) fails once per type: say them all, as one line.
+        msgs = dict.fromkeys(x["msg"] for x in e.errors(include_url=False) if _field_path(x["loc"]) == loc)
+        msg = " or ".join(m[0].lower() + m[1:] for m in msgs)
         got = "" if err["type"] == "missing" else f", got {err['input']!r}"
-        raise ConfigError(f"{key}: {err['msg'][0].lower()}{err['msg'][1:]}{got}") from None
+        raise ConfigError(f"{key}: {msg}{got}") from None
+
+
+def _field_path(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """``loc`` without the union-member tags pydantic adds (``generate.batch_size.int``): only what a user types."""
+    out: list[int | str] = []
+    hint: Any = Config
+    for part in loc:
+        kind = _container(hint)
+        if kind is None or (dataclasses.is_dataclass(kind)
+                            and part not in {f.name for f in dataclasses.fields(kind)}):
+            continue  # a tag such as "int" or "literal['auto']", not a key
+        if dataclasses.is_dataclass(kind):
+            hint = typing.get_type_hints(kind)[part]
+        else:  # a list's index or a mapping's key (train.trl)
+            args = typing.get_args(kind)
+            hint = args[-1] if args else Any
+        out.append(part)
+    return tuple(out)
+
+
+def _container(hint: Any) -> Any:
+    """The dataclass, list or dict a hint (or one member of its union) is; None for a plain value."""
+    for h in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(h) or typing.get_origin(h) in (list, dict) or h in (list, dict):
+            return h
+    return None
 
 
 def _section_at(loc: tuple[int | str, ...]) -> Any:

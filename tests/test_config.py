@@ -90,11 +90,20 @@ def test_digest_follows_the_values() -> None:
     (["score.rewards=[{name: my-reward, fn: f}]"], "score.rewards[0].name"),
     (["score.rewards=[{name: a_failed, fn: f}]"], "score.rewards[0].name"),
     (["generate"], "generate"),
+    (["generate.batch_size=x"], "generate.batch_size"),  # int | "auto": one key, both types named
+    (["generate.batch_size=-1"], "generate.batch_size"),
 ])
 def test_invalid_values_name_the_dotted_key(overrides: list[str], key: str) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(CONF / "local.yaml", overrides)
     assert str(e.value).startswith(f"{key}:"), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_field_of_two_types_names_both() -> None:
+    with pytest.raises(ConfigError, match=r"^generate\.batch_size: input should be a valid integer or input should "
+                                          r"be 'auto', got 'x'$"):
+        load_config(CONF / "local.yaml", ["generate.batch_size=x"])
 
 
 def test_invalid_value_in_a_yaml_file_names_the_key(tmp_path: Path) -> None:
