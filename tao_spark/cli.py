@@ -587,6 +587,30 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"tao {args.command}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from pyspark.errors.exceptions.base import PythonException
+
+        if args.debug or not isinstance(e, PythonException):
+            raise
+        print(f"tao {args.command}: {executor_error(str(e))} (--debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+_RAISED = re.compile(r"^(\w+(?:\.\w+)*(?:Error|Exception|Exit)): (.*)$")
+
+
+def executor_error(message: str) -> str:
+    """One line for a Python function that failed on the executors (a custom reward, say): the exception it raised,
+    the last one of the worker's traceback, and where to look when the executors cannot import a module."""
+    raised = [m for line in message.splitlines() if (m := _RAISED.match(line.strip()))]
+    if not raised:
+        return "a Python function on the executors failed"
+    kind, text = raised[-1].groups()
+    hint = ""
+    if "ModuleNotFoundError" in message or "No module named" in text:
+        hint = ("; the executors import it from their own Python path: install it where they run, or start the "
+                "cluster with PYTHONPATH naming it")
+    return f"a Python function on the executors failed: {kind}: {text}{hint}"
 
 
 if __name__ == "__main__":

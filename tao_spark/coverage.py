@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from tao_spark.config import RewardSpec
-from tao_spark.rewards import FLOOR, JUDGE, MLFLOW_JUDGE, reward_text
+from tao_spark.rewards import FLOOR, JUDGE, MLFLOW_JUDGE, check, reward_text
 
 if TYPE_CHECKING:
     from tao_spark.config import Config
@@ -89,6 +89,7 @@ def measure(tables: Tables, cfg: Config, version: int | None = None) -> dict[str
     from pyspark.sql import functions as F
 
     specs = list(cfg.score.rewards)
+    check(specs)
     version = tables.snapshot("prompts") if version is None else version
     prompts = tables.read("prompts", version=version).select("task", F.to_json("messages").alias("messages_json"))
     schema = ", ".join(["task string", "floor_only boolean", "kinds string", "unchecked string",

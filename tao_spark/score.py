@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from tao_spark.config import RewardSpec, ScoreConfig
+from tao_spark.config import RewardSpec, ScoreConfig, UserError
 from tao_spark.rewards import reward_text
 from tao_spark.tables import SCHEMAS, Tables, columns
 
@@ -270,8 +270,11 @@ def score_candidates(tables: Tables, prompts: DataFrame, *, round_id: str, purpo
     """
     from pyspark.sql import functions as F  # here, not at the top: score_frame runs where pyspark is absent
 
+    from tao_spark.rewards import check
+
     if not cfg.rewards:
-        raise ValueError("score.rewards is empty: configure at least one reward")
+        raise UserError("score.rewards is empty: configure at least one reward")
+    check(cfg.rewards)
     tables.ensure("scores")
     cands = tables.read("candidates").where((F.col("round_id") == round_id) & (F.col("purpose") == purpose))
     reused = _reuse(tables, cands, round_id=round_id, purpose=purpose, key=reward_key(cfg.rewards, cfg))

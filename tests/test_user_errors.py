@@ -105,3 +105,40 @@ def test_ingest_of_files_that_are_not_what_they_say_is_one_line(tmp_path: Path) 
 
     counts = json.loads(r.stdout.strip().splitlines()[-1])
     assert counts["offered"] == counts["quarantined"] > 0 and counts["accepted"] == 0
+
+
+def test_a_custom_reward_that_cannot_load_or_raises_is_one_line(tmp_path: Path) -> None:
+    """A reward the driver cannot import is refused before any Spark task; one that raises on the executors is the
+    exception it raised, one line, not the worker's traceback."""
+    home = tmp_path / "home"
+    assert _tao(home, "ingest", str(Path(__file__).parents[1] / "tao_spark" / "data" / "prompts.jsonl")).returncode == 0
+    missing = _tao(home, "coverage", "score.rewards=[{name: mine, fn: 'nowhere_mod:score'}]")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip() == ("tao coverage: score.rewards: reward 'mine': cannot load 'nowhere_mod:score': "
+                                      "No module named 'nowhere_mod'")
+    (tmp_path / "my_rewards.py").write_text(
+        "def score(prompts, answers):\n    raise ValueError('cannot read answer 3')\n")
+    env = {**os.environ, "TAO_HOME": str(home), "PYTHONPATH": str(tmp_path)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    raised = subprocess.run([sys.executable, "-m", "tao_spark.cli", "coverage",
+                             "score.rewards=[{name: mine, fn: 'my_rewards:score'}]"], env=env, capture_output=True,
+                            text=True, timeout=180)
+    assert raised.returncode == 1 and "Traceback" not in raised.stderr, raised.stderr
+    assert raised.stderr.strip().splitlines()[-1] == (
+        "tao coverage: a Python function on the executors failed: ValueError: cannot read answer 3 "
+        "(--debug for the traceback)")
+
+
+def test_an_executor_that_cannot_import_a_reward_names_the_fix() -> None:
+    from tao_spark.cli import executor_error
+
+    # The shape of a classic / Connect PythonException's message when a worker cannot import the reward's module.
+    message = ("\n  An exception was thrown from the Python worker. Please see the stack trace below.\n"
+               "Traceback (most recent call last):\n  File \"/x/rewards/__init__.py\", line 71, in load_reward\n"
+               "ModuleNotFoundError: No module named 'acme_rewards'\n\nThe above exception was the direct cause of the "
+               "following exception:\n\nTraceback (most recent call last):\n  File \"/x/coverage.py\", line 42\n"
+               "ValueError: reward 'acme': cannot load 'acme_rewards:f': No module named 'acme_rewards'\n")
+    line = executor_error(message)
+    assert line.startswith("a Python function on the executors failed: ValueError: reward 'acme': cannot load")
+    assert "PYTHONPATH" in line and "\n" not in line
+    assert executor_error("java.lang.OutOfMemoryError somewhere") == "a Python function on the executors failed"

@@ -44,13 +44,26 @@ class RewardFn(Protocol):
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]: ...
 
 
+def check(specs: list[RewardSpec]) -> None:
+    """Load each function reward here, on the driver, so a misspelt module, name or param is one line before any
+    Spark task starts. Judges and reward models are left to the workers: building them costs a model or a client."""
+    from tao_spark.config import UserError
+
+    for spec in specs:
+        if spec.fn and spec.fn not in (JUDGE, MLFLOW_JUDGE):
+            try:
+                load_reward(spec)
+            except ValueError as e:
+                raise UserError(f"score.rewards: {e}") from None
+
+
 def load_reward(spec: RewardSpec) -> RewardFn:
     """The callable ``spec`` names (a built-in or ``package.module:function``) with ``spec.params`` bound.
 
     ``fn: judge`` builds an LLM judge (``tao_spark.rewards.judge``), ``fn: mlflow_judge`` an MLflow judge, and a
     ``package.module:name`` that is an MLflow scorer is called as one (``tao_spark.rewards.mlflow_genai``); a spec
     with ``model`` and no ``fn`` loads a trained reward model (``tao_spark.rewards.model``). Parameters are checked
-    against the function's signature here, so a misspelt one fails when the config is loaded rather than inside a
+    against the function's signature here, so a misspelt one fails on the driver (``check``) rather than inside a
     Spark task.
     """
     if spec.fn == JUDGE:
