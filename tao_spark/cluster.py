@@ -120,8 +120,9 @@ def _wait(what: str, ok: Any, timeout_s: float, log: Path) -> None:
         if ok():
             return
         time.sleep(0.5)
-    tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
-    raise RuntimeError(f"{what} did not come up within {timeout_s:.0f} s; {log}:\n{tail}")
+    lines = [x.strip() for x in log.read_text(errors="replace").splitlines() if x.strip()] if log.exists() else []
+    last = f" (its log's last line: {lines[-1][:300]})" if lines else ""
+    raise RuntimeError(f"{what} did not come up within {timeout_s:.0f} s{last}; the whole log: {log}")
 
 
 def _alive_workers(ui_port: int) -> int:
@@ -156,22 +157,28 @@ def start(home: str, *, workers: int = 2, cores: int = 2, memory: str = "3g", co
     state.pids["master"] = _launch("master", [spark_class, MASTER_CLASS, "--host", "127.0.0.1", "--port", str(port),
                                               "--webui-port", str(ui)], home, master_env)
     _save(home, state)  # from here on, `stop` can clean up even if start fails
-    _wait("the Spark master", lambda: _port_open(port) and _port_open(ui), timeout_s, root / "logs" / "master.log")
-    for i in range(1, workers + 1):
-        work = root / f"worker-{i}"
-        work.mkdir(exist_ok=True)
-        state.work_dirs.append(str(work))
-        state.pids[f"worker-{i}"] = _launch(
-            f"worker-{i}", [spark_class, WORKER_CLASS, state.master_url, "--host", "127.0.0.1", "--cores", str(cores),
-                            "--memory", memory, "--work-dir", str(work), "--webui-port", str(_free_port())],
-            home, env)
-        _save(home, state)
-    _wait(f"{workers} Spark workers", lambda: _alive_workers(ui) >= workers, timeout_s, root / "logs" / "worker-1.log")
-    if connect:
-        state.connect_url, state.jdbc_url, state.pids["connect"] = _start_connect(home, state.master_url,
-                                                                                  connect_cores, env, timeout_s)
-        _save(home, state)
-        _warm(state.connect_url, root / "warm-up")
+    try:
+        _wait("the Spark master", lambda: _port_open(port) and _port_open(ui), timeout_s, root / "logs" / "master.log")
+        for i in range(1, workers + 1):
+            work = root / f"worker-{i}"
+            work.mkdir(exist_ok=True)
+            state.work_dirs.append(str(work))
+            state.pids[f"worker-{i}"] = _launch(
+                f"worker-{i}", [spark_class, WORKER_CLASS, state.master_url, "--host", "127.0.0.1",
+                                "--cores", str(cores), "--memory", memory, "--work-dir", str(work),
+                                "--webui-port", str(_free_port())], home, env)
+            _save(home, state)
+        _wait(f"{workers} Spark workers", lambda: _alive_workers(ui) >= workers, timeout_s,
+              root / "logs" / "worker-1.log")
+        if connect:
+            state.connect_url, state.jdbc_url, state.pids["connect"] = _start_connect(home, state.master_url,
+                                                                                      connect_cores, env, timeout_s)
+            _save(home, state)
+            _warm(state.connect_url, root / "warm-up")
+    except BaseException:
+        # Half a cluster is worse than none: the next `start` would refuse, and its JVMs hold ports and memory.
+        stop(home)
+        raise
     log.info(f"tao: cluster up in {time.perf_counter() - t0:.1f} s: {state.master_url} (UI {state.master_ui})"
              + (f", Spark Connect {state.connect_url}, JDBC {state.jdbc_url}" if state.connect_url else ""))
     return state
@@ -218,12 +225,21 @@ def _warm(url: str, scratch: Path) -> None:
     read and deleted under ``scratch`` (a path, so the catalog never sees it) and a Python UDF on the executors.
     A fresh server spends 12-14 s on its first MERGE (class loading and JIT in the driver and the executors) and
     2.4 s on the next; a 360-prompt `tao ingest` as its first work took 33 s, and 4-5 s after this."""
-    import shutil
-
     from pyspark.sql import SparkSession
 
     t0 = time.perf_counter()
-    spark = SparkSession.builder.remote(url).getOrCreate()
+    try:
+        _warm_up(SparkSession.builder.remote(url).getOrCreate(), scratch)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise RuntimeError(f"the SQL server's warm-up failed ({first}); its log: "
+                           f"{scratch.parent / 'logs' / 'connect.log'}") from e
+    log.info(f"tao: SQL server warmed up in {time.perf_counter() - t0:.1f} s (Delta commits, executors' Python)")
+
+
+def _warm_up(spark: Any, scratch: Path) -> None:
+    import shutil
+
     try:
         table = f"delta.`{scratch}`"
         spark.range(4).selectExpr("id", "'a' AS v").write.format("delta").mode("overwrite").save(str(scratch))
@@ -235,7 +251,6 @@ def _warm(url: str, scratch: Path) -> None:
     finally:
         spark.stop()
         shutil.rmtree(scratch, ignore_errors=True)
-    log.info(f"tao: SQL server warmed up in {time.perf_counter() - t0:.1f} s (Delta commits, executors' Python)")
 
 
 def delta_jars(packages: str, env: dict[str, str]) -> list[str]:

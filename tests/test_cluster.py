@@ -467,3 +467,23 @@ _CONNECT_CLIENT = (
     "spark = SparkSession.builder.remote(sys.argv[1]).getOrCreate()\n"
     "print(json.dumps([[r.asDict() for r in spark.sql(q).collect()] for q in json.loads(sys.argv[2])], default=str))\n"
 )
+
+
+def test_a_start_that_fails_stops_what_it_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No half cluster: JVMs launched before the failure are stopped, so the next `start` is not refused; the
+    reason is one line naming the log."""
+    home = str(tmp_path / "home")
+    launched: list[int] = []
+    real_launch = cluster._launch
+
+    def launch(*args: Any, **kwargs: Any) -> int:  # the real launch, its PID noted
+        launched.append(real_launch(*args, **kwargs))
+        return launched[-1]
+
+    monkeypatch.setattr(cluster, "_launch", launch)
+    with pytest.raises(RuntimeError, match=r"^the Spark master did not come up within 0 s.*; the whole log: .*master"
+                                           r"\.log$") as e:
+        cluster.start(home, workers=1, timeout_s=0.01)  # no JVM binds its port in 10 ms
+    assert "\n" not in str(e.value) and launched
+    assert cluster.status(home) == {"running": False}
+    assert not any(cluster._alive(pid, cluster.MASTER_CLASS) for pid in launched)
