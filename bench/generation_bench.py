@@ -48,13 +48,12 @@ def matmul_flops(threads: int, seconds: float = 2.0, size: int = 1024, dtype: st
 
 def _udf(spark: Any, pdf: Any, model: str, cfg: Any, dtype: str = "float32") -> tuple[float, int, int]:
     """The fan-out as ``generate.sample`` builds it for ``cfg`` (a GenerateConfig), collected instead of MERGEd."""
-    from tao_spark.generate import CANDIDATE_SCHEMA, Sampling, _generate_partition, torch_threads
+    from tao_spark.generate import CANDIDATE_SCHEMA, Job, Sampling, _generate_partition, torch_threads
 
-    worker = functools.partial(
-        _generate_partition, model_path=model, dtype=dtype, engine=cfg.engine, batch_size=cfg.batch_size,
-        llm_args=cfg.vllm_args(), threads=torch_threads(cfg), sampling=Sampling.of(cfg, dtype), round_id="bench",
-        purpose="train", policy="bench", policy_id="bench")
-    df = spark.createDataFrame(pdf).repartition(cfg.partitions)
+    job = Job(model, dtype, cfg.engine, cfg.batch_size, cfg.vllm_args(), Sampling.of(cfg, dtype), "train", "bench",
+              "bench")
+    worker = functools.partial(_generate_partition, jobs=[job], threads=torch_threads(cfg), round_id="bench")
+    df = spark.createDataFrame(pdf.assign(req=0)).repartition(cfg.partitions)
     t0 = time.perf_counter()
     rows = df.mapInPandas(worker, CANDIDATE_SCHEMA).toPandas()
     return time.perf_counter() - t0, int(rows["tokens"].sum()), len(rows)

@@ -128,16 +128,24 @@ def compare(
 ) -> tuple[Evaluation, pd.DataFrame]:
     """Answer, score and compare: the figures and one row per held-out prompt. ``challenger``/``champion`` are
     (model uri, local path, policy id)."""
-    gen_cfg = dataclasses.replace(cfg.generate, n=1, temperature=cfg.evaluate.temperature,
-                                  max_new_tokens=cfg.evaluate.max_new_tokens)
-    for arm, (uri, path, pid) in zip(ARMS, (challenger, champion), strict=True):
-        generate.sample(tables, holdout, round_id=round_id, purpose=f"eval_{arm}",
-                     model=dataclasses.replace(cfg.model, path=uri), model_path=path, policy_id=pid, cfg=gen_cfg)
-        score.score_candidates(tables, holdout, round_id=round_id, purpose=f"eval_{arm}", cfg=cfg.score)
+    arms = dict(zip(ARMS, (challenger, champion), strict=True))
+    greedy = dataclasses.replace(cfg.generate, n=1, temperature=cfg.evaluate.temperature,
+                                 max_new_tokens=cfg.evaluate.max_new_tokens)
+    requests = [generate.Request(holdout, f"eval_{arm}", dataclasses.replace(cfg.model, path=uri), path, pid, greedy)
+                for arm, (uri, path, pid) in arms.items()]
+    texts, asked = _short_answer_prompts(holdout, cfg)
+    if asked:  # the consistency samples: the same pass as the greedy answers, not two more
+        k = dataclasses.replace(cfg.generate, n=cfg.evaluate.consistency_samples,
+                                max_new_tokens=cfg.evaluate.max_new_tokens)
+        requests += [generate.Request(holdout.where(F.col("prompt_id").isin(asked)), f"eval_{arm}_samples",
+                                      dataclasses.replace(cfg.model, path=uri), path, pid, k)
+                     for arm, (uri, path, pid) in arms.items()]
+    generate.sample_all(tables, requests, round_id=round_id)
+    score.score_candidates(tables, holdout, round_id=round_id, purpose=[f"eval_{arm}" for arm in ARMS],
+                           cfg=cfg.score)
     a, b = (_answers(tables, round_id, f"eval_{arm}") for arm in ARMS)
     frame = a.merge(b, on=["prompt_id", "task"], suffixes=("_challenger", "_champion"))
-    for arm, agree in _consistency(tables, holdout, frame, round_id=round_id, cfg=cfg,
-                                   arms=dict(zip(ARMS, (challenger, champion), strict=True))).items():
+    for arm, agree in _consistency(tables, frame, texts, asked, round_id=round_id).items():
         frame[f"{arm}_consistency"] = frame.prompt_id.map(agree).astype(float)
     for arm in ARMS:
         frame[f"{arm}_reward"] = [json.loads(s).get(score.COMBINED) for s in frame[f"scores_{arm}"]]
@@ -165,36 +173,38 @@ def compare(
     return ev, frame
 
 
-def _consistency(tables: Tables, holdout: DataFrame, frame: pd.DataFrame, *, round_id: str, cfg: Config,
-                 arms: dict[str, tuple[str, str, str]]) -> dict[str, dict[str, float]]:
+def _short_answer_prompts(holdout: DataFrame, cfg: Config) -> tuple[dict[str, str], list[str]]:
+    """The held-out prompts' reward texts, and which of them ask for a short answer (none when
+    ``evaluate.consistency_samples`` is 0 or sampling is greedy: greedy samples would only repeat the greedy one)."""
+    if not cfg.evaluate.consistency_samples or cfg.generate.temperature <= 0:
+        return {}, []
+    texts = {r.prompt_id: reward_text(json.loads(r.m))
+             for r in holdout.select("prompt_id", F.to_json("messages").alias("m")).collect()}
+    return texts, sorted(p for p, t in texts.items() if asks_short_answer(t))
+
+
+def _consistency(tables: Tables, frame: pd.DataFrame, texts: dict[str, str], asked: list[str], *, round_id: str
+                 ) -> dict[str, dict[str, float]]:
     """Per arm, per held-out prompt that asks for a short answer: the share of ``evaluate.consistency_samples``
     samples whose final answer equals the greedy answer's (0 when the greedy answer gives none).
 
     Without labels, a model whose sampled answers stop agreeing with its own greedy one has most likely lost the
     skill (a right answer is stable under sampling, a guess is not). Both arms draw with the same seeds per prompt.
     """
-    k, temperature = cfg.evaluate.consistency_samples, cfg.generate.temperature
-    if not k or temperature <= 0 or frame.empty:  # greedy samples would only repeat the greedy answer
-        return {}
-    texts = {r.prompt_id: reward_text(json.loads(r.m))
-             for r in holdout.select("prompt_id", F.to_json("messages").alias("m")).collect()}
-    asked = sorted(p for p in frame.prompt_id if p in texts and asks_short_answer(texts[p]))
+    asked = [p for p in asked if p in set(frame.prompt_id)]
     if not asked:
         return {}
-    gen_cfg = dataclasses.replace(cfg.generate, n=k, max_new_tokens=cfg.evaluate.max_new_tokens)
-    out: dict[str, dict[str, float]] = {}
-    for arm, (uri, path, pid) in arms.items():
-        purpose = f"eval_{arm}_samples"
-        generate.sample(tables, holdout.where(F.col("prompt_id").isin(asked)), round_id=round_id, purpose=purpose,
-                        model=dataclasses.replace(cfg.model, path=uri), model_path=path, policy_id=pid, cfg=gen_cfg)
-        samples = (tables.read("candidates").where((F.col("round_id") == round_id) & (F.col("purpose") == purpose))
-                   .select("prompt_id", "completion").toPandas())
-        greedy = dict(zip(frame.prompt_id, frame[f"completion_{arm}"], strict=True))
-        out[arm] = {}
-        for prompt_id, rows in samples[samples.prompt_id.isin(asked)].groupby("prompt_id"):
-            key = answer_key(texts[prompt_id], greedy[prompt_id])
-            out[arm][prompt_id] = 0.0 if key is None else float(
-                np.mean([answer_key(texts[prompt_id], c) == key for c in rows.completion]))
+    purposes = {f"eval_{arm}_samples": arm for arm in ARMS}
+    samples = (tables.read("candidates").where((F.col("round_id") == round_id) & F.col("purpose").isin(list(purposes))
+                                               & F.col("prompt_id").isin(asked))
+               .select("purpose", "prompt_id", "completion").toPandas())
+    out: dict[str, dict[str, float]] = {arm: {} for arm in ARMS}
+    for (purpose, prompt_id), rows in samples.groupby(["purpose", "prompt_id"]):
+        arm = purposes[str(purpose)]
+        greedy = frame.loc[frame.prompt_id == prompt_id, f"completion_{arm}"].iloc[0]
+        key = answer_key(texts[str(prompt_id)], greedy)
+        out[arm][str(prompt_id)] = 0.0 if key is None else float(
+            np.mean([answer_key(texts[str(prompt_id)], c) == key for c in rows.completion]))
     return out
 
 

@@ -68,36 +68,55 @@ def torch_threads(cfg: GenerateConfig) -> int:
     return cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.partitions)
 
 
-def _generate_partition(
-    batches: Iterator[pd.DataFrame], *, model_path: str, dtype: str, engine: str, batch_size: int | str,
-    llm_args: dict[str, Any], threads: int, sampling: Sampling, round_id: str, purpose: str, policy: str,
-    policy_id: str,
-) -> Iterator[pd.DataFrame]:
-    """mapInPandas worker: prompts in, one row per candidate out."""
+@dataclass(frozen=True)
+class Job:
+    """What a worker needs to generate one request's rows: picklable, unlike the request's DataFrame."""
+
+    model_path: str
+    dtype: str
+    engine: str
+    batch_size: int | str
+    llm_args: dict[str, Any]
+    sampling: Sampling
+    purpose: str
+    policy: str
+    policy_id: str
+
+
+def _generate_partition(batches: Iterator[pd.DataFrame], *, jobs: list[Job], threads: int, round_id: str
+                        ) -> Iterator[pd.DataFrame]:
+    """mapInPandas worker: prompts in (each with the index of its request in ``jobs``), one row per candidate out."""
     from tao_spark.engines import get_generator, set_torch_threads
 
     set_torch_threads(threads)
-    gen = get_generator(engine, model_path, dtype=dtype, batch_size=batch_size, llm_args=llm_args)
-    sampling_json = sampling.to_json()
     for pdf in batches:
-        # The engine's own batch size; vLLM's is None: the whole batch in one call, scheduled by vLLM.
-        step = gen.batch_size or max(len(pdf), 1)
-        for start in range(0, len(pdf), step):
-            part = pdf.iloc[start:start + step]
-            chats = [json.loads(m) for m in part["messages_json"]]
-            seeds = [prompt_seed(sampling.seed, pid) for pid in part["prompt_id"]]
-            outs = gen.generate(chats, n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                max_new_tokens=sampling.max_new_tokens, seeds=seeds)
-            now = datetime.now(UTC)
-            rows = [
-                {"round_id": round_id, "purpose": purpose, "prompt_id": pid, "candidate_idx": i, "task": task,
-                 "completion": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason, "policy": policy,
-                 "policy_id": policy_id, "sampling": sampling_json, "seed": seed, "reused_from": None,
-                 "created_at": now}
-                for pid, task, seed, cands in zip(part["prompt_id"], part["task"], seeds, outs, strict=True)
-                for i, c in enumerate(cands)
-            ]
-            yield pd.DataFrame(rows, columns=columns("candidates"))
+        for req, rows_of_req in pdf.groupby("req", sort=True):
+            job = jobs[int(req)]
+            gen = get_generator(job.engine, job.model_path, dtype=job.dtype, batch_size=job.batch_size,
+                                llm_args=job.llm_args)
+            yield from _generate_rows(gen, rows_of_req, job, round_id)
+
+
+def _generate_rows(gen: Any, pdf: pd.DataFrame, job: Job, round_id: str) -> Iterator[pd.DataFrame]:
+    sampling, sampling_json = job.sampling, job.sampling.to_json()
+    # The engine's own batch size; vLLM's is None: the whole batch in one call, scheduled by vLLM.
+    step = gen.batch_size or max(len(pdf), 1)
+    for start in range(0, len(pdf), step):
+        part = pdf.iloc[start:start + step]
+        chats = [json.loads(m) for m in part["messages_json"]]
+        seeds = [prompt_seed(sampling.seed, pid) for pid in part["prompt_id"]]
+        outs = gen.generate(chats, n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                            max_new_tokens=sampling.max_new_tokens, seeds=seeds)
+        now = datetime.now(UTC)
+        rows = [
+            {"round_id": round_id, "purpose": job.purpose, "prompt_id": pid, "candidate_idx": i, "task": task,
+             "completion": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason, "policy": job.policy,
+             "policy_id": job.policy_id, "sampling": sampling_json, "seed": seed, "reused_from": None,
+             "created_at": now}
+            for pid, task, seed, cands in zip(part["prompt_id"], part["task"], seeds, outs, strict=True)
+            for i, c in enumerate(cands)
+        ]
+        yield pd.DataFrame(rows, columns=columns("candidates"))
 
 
 @dataclass
@@ -145,6 +164,22 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
 AUTO_CHUNK_STREAMS = 256
 
 
+@dataclass(frozen=True)
+class Request:
+    """Candidates of one policy for some prompts, under one purpose: what ``sample_all`` generates."""
+
+    prompts: DataFrame  # prompt_id, task, messages at least
+    purpose: str
+    model: ModelConfig
+    model_path: str
+    policy_id: str
+    cfg: GenerateConfig
+
+    def job(self) -> Job:
+        return Job(self.model_path, self.model.dtype, self.cfg.engine, self.cfg.batch_size, self.cfg.vllm_args(),
+                   Sampling.of(self.cfg, self.model.dtype), self.purpose, self.model.path, self.policy_id)
+
+
 def sample(
     tables: Tables, prompts: DataFrame, *, round_id: str, purpose: str, model: ModelConfig, model_path: str,
     policy_id: str, cfg: GenerateConfig, chunk_prompts: int | None = None,
@@ -153,44 +188,82 @@ def sample(
 
     ``prompts`` has at least prompt_id, task and messages. Returns counts for this call (0 when all done).
     """
-    sampling = Sampling.of(cfg, model.dtype)
+    return sample_all(tables, [Request(prompts, purpose, model, model_path, policy_id, cfg)], round_id=round_id,
+                      chunk_prompts=chunk_prompts)[0]
+
+
+def sample_all(tables: Tables, requests: list[Request], *, round_id: str, chunk_prompts: int | None = None
+               ) -> list[GenerateResult]:
+    """``sample`` for several requests (the evaluation's two models, greedy and sampled) in as few Spark passes as
+    the engine allows: each pass is one job and one commit per chunk, where a request apiece cost seconds of fixed
+    work on a cluster. vLLM keeps one model loaded, so its requests share a pass only with the same model's."""
+    if len({r.purpose for r in requests}) < len(requests):
+        raise ValueError("sample_all: one request per purpose")
     tables.ensure("candidates")
-    total = prompts.count()
-    todo = _missing(tables, prompts, round_id, purpose, sampling.n)
-    reused = _reuse(tables, todo, round_id=round_id, purpose=purpose, policy_id=policy_id, sampling=sampling)
-    if reused:  # else what is missing has not changed: one look less (a few jobs on a cluster)
-        todo = _missing(tables, prompts, round_id, purpose, sampling.n)
-    ids = sorted(r.prompt_id for r in todo.select("prompt_id").collect())
-    if reused:
-        log.info(f"tao: generate[{purpose}]: reused {reused} candidates of earlier rounds (same policy, sampling "
-                 "and seed)")
-    if not ids:
-        log.info(f"tao: generate[{purpose}]: all {total} prompts have candidates")
-        return GenerateResult(total, 0, 0, 0, 0.0, reused)
-    worker = functools.partial(
-        _generate_partition, model_path=model_path, dtype=model.dtype, engine=cfg.engine,
-        batch_size=cfg.batch_size, llm_args=cfg.vllm_args(), threads=torch_threads(cfg), sampling=sampling,
-        round_id=round_id, purpose=purpose, policy=model.path, policy_id=policy_id,
-    )
-    # A chunk is one Spark job and one commit: small enough to lose little on a crash, large enough
-    # that every partition gets whole batches.
-    batch = AUTO_CHUNK_STREAMS if cfg.batch_size == "auto" else cfg.batch_size  # auto is sized on the executor
-    chunk = chunk_prompts or cfg.partitions * max(1, batch // (cfg.n if cfg.temperature > 0 else 1)) * 2
+    todos: list[tuple[DataFrame, list[str]]] = []
+    results = []
+    for r in requests:
+        sampling = Sampling.of(r.cfg, r.model.dtype)
+        total = r.prompts.count()
+        todo = _missing(tables, r.prompts, round_id, r.purpose, sampling.n)
+        reused = _reuse(tables, todo, round_id=round_id, purpose=r.purpose, policy_id=r.policy_id, sampling=sampling)
+        if reused:  # else what is missing has not changed: one look less (a few jobs on a cluster)
+            todo = _missing(tables, r.prompts, round_id, r.purpose, sampling.n)
+            log.info(f"tao: generate[{r.purpose}]: reused {reused} candidates of earlier rounds (same policy, "
+                     "sampling and seed)")
+        ids = sorted(x.prompt_id for x in todo.select("prompt_id").collect())
+        if not ids:
+            log.info(f"tao: generate[{r.purpose}]: all {total} prompts have candidates")
+        todos.append((todo, ids))
+        results.append(GenerateResult(total, len(ids), 0, 0, 0.0, reused))
+    passes: dict[Any, list[int]] = {}
+    for i, r in enumerate(requests):
+        if todos[i][1]:
+            passes.setdefault(r.model_path if r.cfg.engine == "vllm" else None, []).append(i)
+    for members in passes.values():
+        _one_pass(tables, requests, todos, members, results, round_id=round_id, chunk_prompts=chunk_prompts)
+    return results
+
+
+def _one_pass(tables: Tables, requests: list[Request], todos: list[tuple[DataFrame, list[str]]], members: list[int],
+              results: list[GenerateResult], *, round_id: str, chunk_prompts: int | None) -> None:
+    """Generate the missing prompts of ``requests[members]`` in one mapInPandas pass per chunk, one MERGE each."""
+    cfg = requests[members[0]].cfg  # partitions and threads: the round's generate section, shared
+    jobs = [r.job() for r in requests]
+    worker = functools.partial(_generate_partition, jobs=jobs, threads=torch_threads(cfg), round_id=round_id)
+
+    def chunk_of(r: Request) -> int:
+        # A chunk is one Spark job and one commit: small enough to lose little on a crash, large enough that every
+        # partition gets whole batches.
+        batch = AUTO_CHUNK_STREAMS if r.cfg.batch_size == "auto" else r.cfg.batch_size  # auto: sized on the executor
+        return r.cfg.partitions * max(1, int(batch) // (r.cfg.n if r.cfg.temperature > 0 else 1)) * 2
+
+    chunk = chunk_prompts or min(chunk_of(requests[i]) for i in members)
+    items = [(i, pid) for i in members for pid in todos[i][1]]
+    label = "+".join(requests[i].purpose for i in members)
+    by_purpose = {requests[i].purpose: i for i in members}
     t0 = time.perf_counter()
     tokens = cands = 0
-    for start in range(0, len(ids), chunk):
-        part_ids = ids[start:start + chunk]
-        src = todo.where(F.col("prompt_id").isin(part_ids)).repartition(min(cfg.partitions, len(part_ids)))
+    for start in range(0, len(items), chunk):
+        part = items[start:start + chunk]
+        srcs = [todos[i][0].where(F.col("prompt_id").isin([p for j, p in part if j == i])).withColumn("req", F.lit(i))
+                for i in dict.fromkeys(j for j, _ in part)]
+        src = functools.reduce(DataFrame.unionByName, srcs).repartition(min(cfg.partitions, len(part)))
         # Materialise the chunk once, then MERGE from those rows: a MERGE whose source is the UDF may
         # evaluate its source twice (delta-spark does), which would sample twice. A chunk is small.
         rows = src.mapInPandas(worker, CANDIDATE_SCHEMA).toPandas()
         tables.merge("candidates", tables.frame("candidates", rows))
         tokens += int(rows["tokens"].sum())
         cands += len(rows)
+        for purpose, got in rows.groupby("purpose"):
+            res = results[by_purpose[str(purpose)]]
+            res.candidates += len(got)
+            res.tokens += int(got["tokens"].sum())
         el = time.perf_counter() - t0
-        log.info(f"tao: generate[{purpose}]: {min(start + chunk, len(ids))}/{len(ids)} prompts, {cands} candidates, "
-                 f"{tokens / el:.0f} tokens/s")
-    return GenerateResult(total, len(ids), cands, tokens, time.perf_counter() - t0, reused)
+        log.info(f"tao: generate[{label}]: {min(start + chunk, len(items))}/{len(items)} prompts, {cands} "
+                 f"candidates, {tokens / el:.0f} tokens/s")
+    for i in members:
+        results[i].seconds = time.perf_counter() - t0
 
 
 def _mend_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:

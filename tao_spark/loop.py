@@ -58,7 +58,6 @@ def start(tables: Tables, cfg: Config) -> Round | None:
         if done else version,
         new_prompts=count_new(tables, version, previous),
     )
-    save(tables, rnd, cfg)  # the row first: a kill before the run exists leaves a round that opens it on resume
     log.info(f"tao: round {rnd.round_id} on prompts@v{version} ({rnd.new_prompts} new), policy {rnd.base_model}, "
              f"baseline {rnd.baseline_model}")
     # Before generating: which rewards will read these prompts, and which tasks would be tuned on the floor only.
@@ -66,11 +65,11 @@ def start(tables: Tables, cfg: Config) -> Round | None:
     for line in coverage.warnings(cov):
         log.warning(f"tao: coverage: {line}")
     rnd.metrics["coverage"] = cov
-    # The run, its first metrics and the row that names it, back to back: each write of `rounds` is a MERGE (seconds
-    # on a cluster), and a kill between the two leaves at worst an empty run behind.
+    # One write of the row (a MERGE: seconds on a cluster), before the run: the run's id reaches `rounds` with the
+    # first stage's result, and a round resumed before that finds its run again by the round's tag (open_run).
+    save(tables, rnd, cfg)
     rnd.mlflow_run_id = registry.open_run(cfg, rnd.round_id)
     registry.log_stage(cfg, rnd.mlflow_run_id, coverage.metrics(cov))
-    save(tables, rnd, cfg)
     return rnd
 
 

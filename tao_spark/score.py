@@ -207,10 +207,14 @@ def _score_partition(batches: Iterator[pd.DataFrame], *, specs: list[RewardSpec]
     cols = components(specs, cfg)
 
     def score(pdf: pd.DataFrame) -> pd.DataFrame:
-        pdf = pdf.reset_index(drop=True)
-        scored = score_frame(pdf, specs, cfg).reindex(columns=cols).astype("float64")
-        scored.index = pdf.index
-        return pd.concat([pdf[list(_IDS)], scored], axis=1)
+        # One purpose at a time: the same prompt's answers from another model must not vote with these.
+        parts = []
+        for _, part in pdf.groupby("purpose", sort=False):
+            part = part.reset_index(drop=True)
+            scored = score_frame(part, specs, cfg).reindex(columns=cols).astype("float64")
+            scored.index = part.index
+            parts.append(pd.concat([part[list(_IDS)], scored], axis=1))
+        return pd.concat(parts, ignore_index=True)
 
     # Rewards that compare a prompt's candidates (majority vote, a pairwise judge, per-prompt length control) must
     # see all of them in one call, whatever the Arrow batch size: the rows come sorted by prompt, so the last
@@ -221,8 +225,8 @@ def _score_partition(batches: Iterator[pd.DataFrame], *, specs: list[RewardSpec]
             pdf = pd.concat([carry, pdf], ignore_index=True)
         if pdf.empty:
             continue
-        last = pdf["prompt_id"].iloc[-1]
-        tail = (pdf["prompt_id"] == last).to_numpy()
+        tail = ((pdf["prompt_id"] == pdf["prompt_id"].iloc[-1]) & (pdf["purpose"] == pdf["purpose"].iloc[-1])
+                ).to_numpy()
         carry = pdf[tail]
         if (~tail).any():
             yield score(pdf[~tail])
@@ -262,9 +266,9 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
                        versions=versions(tables, "scores"))
 
 
-def score_candidates(tables: Tables, prompts: DataFrame, *, round_id: str, purpose: str,
+def score_candidates(tables: Tables, prompts: DataFrame, *, round_id: str, purpose: str | list[str],
                      cfg: ScoreConfig) -> ScoreResult:
-    """Score the round's candidates of ``purpose`` that have no combined score yet.
+    """Score the round's candidates of ``purpose`` (one, or several in one pass) that have no combined score yet.
 
     Scores of candidates copied from an earlier round are copied too when the reward config is the same.
     """
@@ -275,24 +279,29 @@ def score_candidates(tables: Tables, prompts: DataFrame, *, round_id: str, purpo
     if not cfg.rewards:
         raise UserError("score.rewards is empty: configure at least one reward")
     check(cfg.rewards)
+    purposes = [purpose] if isinstance(purpose, str) else list(purpose)
+    label = "+".join(purposes)
     tables.ensure("scores")
-    cands = tables.read("candidates").where((F.col("round_id") == round_id) & (F.col("purpose") == purpose))
-    reused = _reuse(tables, cands, round_id=round_id, purpose=purpose, key=reward_key(cfg.rewards, cfg))
-    done = (tables.read("scores").where((F.col("round_id") == round_id) & (F.col("purpose") == purpose)
-                                        & (F.col("reward_name") == COMBINED))
-            .select("prompt_id", "candidate_idx"))
+    ours = (F.col("round_id") == round_id) & F.col("purpose").isin(purposes)
+    cands = tables.read("candidates").where(ours)
+    reused = _reuse(tables, cands, round_id=round_id, key=reward_key(cfg.rewards, cfg))
+    done = (tables.read("scores").where(ours & (F.col("reward_name") == COMBINED))
+            .select("purpose", "prompt_id", "candidate_idx"))
     # Every candidate of a prompt with any unscored one: rewards that compare a prompt's candidates must see all of
     # them, so a resumed run scores them as a run never stopped would.
-    unfinished = cands.join(done, ["prompt_id", "candidate_idx"], "left_anti").select("prompt_id").distinct()
-    todo = (cands.join(unfinished, "prompt_id")
+    unfinished = (cands.join(done, ["purpose", "prompt_id", "candidate_idx"], "left_anti")
+                  .select("purpose", "prompt_id").distinct())
+    todo = (cands.join(unfinished, ["purpose", "prompt_id"])
             .join(prompts.select("prompt_id", F.to_json("messages").alias("messages_json")), "prompt_id")
             .select("round_id", "purpose", "prompt_id", "candidate_idx", "task", "completion", "messages_json"))
     t0 = time.perf_counter()
     # By prompt: rewards that compare a prompt's candidates (majority vote) need them in one partition, sorted so
-    # the worker can keep each prompt's rows together across Arrow batches.
-    out = scored(todo.repartition(cfg.partitions, "prompt_id").sortWithinPartitions("prompt_id"), cfg.rewards, cfg)
+    # the worker can keep each prompt's rows together across Arrow batches. A prompt's candidates of another
+    # purpose (the other model's answers) are another group.
+    out = scored(todo.repartition(cfg.partitions, "purpose", "prompt_id").sortWithinPartitions("purpose", "prompt_id"),
+                 cfg.rewards, cfg)
     written = tables.merge("scores", out)
-    log.info(f"tao: score[{purpose}]: {written} score rows in {time.perf_counter() - t0:.1f}s "
+    log.info(f"tao: score[{label}]: {written} score rows in {time.perf_counter() - t0:.1f}s "
              f"({reused} reused from earlier rounds)")
     return ScoreResult(written, reused)
 
@@ -303,18 +312,18 @@ class ScoreResult:
     reused: int
 
 
-def _reuse(tables: Tables, cands: DataFrame, *, round_id: str, purpose: str, key: str) -> int:
+def _reuse(tables: Tables, cands: DataFrame, *, round_id: str, key: str) -> int:
     """Copy the scores of candidates this round reused, when they were scored under the same reward config."""
     from pyspark.sql import functions as F  # here, not at the top: score_frame runs where pyspark is absent
 
     src = (cands.where(F.col("reused_from").isNotNull())
-           .select("prompt_id", "candidate_idx", "reused_from",
+           .select("prompt_id", "candidate_idx", "reused_from", F.col("purpose").alias("dst_purpose"),
                    F.split("reused_from", "/").getItem(0).alias("src_round"),
                    F.split("reused_from", "/").getItem(1).alias("src_purpose")))
     rows = (tables.read("scores").where((F.col("reward_key") == key) & F.col("reused_from").isNull())
             .drop("reused_from")
             .join(src, ["prompt_id", "candidate_idx"])
             .where((F.col("round_id") == F.col("src_round")) & (F.col("purpose") == F.col("src_purpose")))
-            .withColumn("round_id", F.lit(round_id)).withColumn("purpose", F.lit(purpose))
+            .withColumn("round_id", F.lit(round_id)).withColumn("purpose", F.col("dst_purpose"))
             .select(*columns("scores")))
     return 0 if src.isEmpty() else tables.merge("scores", rows)  # most rounds reuse nothing: skip the MERGE

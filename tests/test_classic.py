@@ -84,18 +84,17 @@ def _loads_per_pid(rows: pd.DataFrame) -> dict[int, dict[str, int]]:
 
 
 def test_generation_fans_out_and_loads_once_per_worker(classic: Any, tiny_model: Path) -> None:
-    from tao_spark.generate import CANDIDATE_SCHEMA, Sampling, _generate_partition
+    from tao_spark.generate import CANDIDATE_SCHEMA, Job, Sampling, _generate_partition
     from tao_spark.tables import columns
 
     cfg = GenerateConfig(n=2, max_new_tokens=8, batch_size=2, torch_threads=1)
     sampling = Sampling.of(cfg, "float32")
-    worker = functools.partial(  # as generate.sample builds it
-        _generate_partition, model_path=str(tiny_model), dtype="float32", engine=cfg.engine, batch_size=cfg.batch_size,
-        llm_args=cfg.vllm_args(), threads=cfg.torch_threads, sampling=sampling, round_id="r1", purpose="train",
-        policy="tiny", policy_id="tiny-id",
-    )
+    job = Job(str(tiny_model), "float32", cfg.engine, cfg.batch_size, cfg.vllm_args(), sampling, "train", "tiny",
+              "tiny-id")
+    # As generate.sample builds it: one request, each prompt tagged with its index.
+    worker = functools.partial(_generate_partition, jobs=[job], threads=cfg.torch_threads, round_id="r1")
     tagged = functools.partial(_with_worker_info, worker=worker, counts="tao_spark.engines:load_counts")
-    prompts = _prompts(12)
+    prompts = _prompts(12).assign(req=0)
     partitions = 6  # more partitions than the 2 task slots: workers must be reused across tasks
     df = classic.createDataFrame(prompts).repartition(partitions)
     rows = df.mapInPandas(tagged, CANDIDATE_SCHEMA + ", pid long, loads string").toPandas()

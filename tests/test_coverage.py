@@ -54,6 +54,22 @@ def test_the_worker_scores_the_same_whatever_the_arrow_batches(batch):
     assert set(whole["consistency"].dropna()) <= {0.25, 0.5, 0.75, 1.0}
 
 
+def test_two_purposes_in_one_pass_score_as_each_alone():
+    """The evaluation scores both models' answers in one pass: the same prompt's answers from the other model are
+    another group, so they never vote in self-consistency or majority."""
+    cands = _candidates(n_prompts=6, n=3)
+    other = _candidates(n_prompts=6, n=2).assign(purpose="eval_other", completion="The answer is 99.")
+    both = pd.concat([cands, other]).sort_values(["purpose", "prompt_id"], kind="stable").reset_index(drop=True)
+    together = pd.concat(list(_score_partition(iter([both]), specs=SPECS, cfg=CFG)))
+    alone = pd.concat([pd.concat(list(_score_partition(iter([f]), specs=SPECS, cfg=CFG))) for f in (cands, other)])
+
+    def keyed(frame: pd.DataFrame) -> dict:
+        return {p: _by_key(frame[frame.purpose == p]) for p in sorted(set(frame.purpose))}
+
+    assert len(together) == len(both) and keyed(together) == keyed(alone)
+    assert set(together.loc[together.purpose == "eval_other", "consistency"].dropna()) == {1.0}
+
+
 def test_the_score_job_gives_identical_scores_with_1_or_4_partitions_and_small_batches(spark):
     cands = spark.createDataFrame(_candidates())
     runs = []

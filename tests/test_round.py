@@ -252,3 +252,42 @@ def test_candidates_name_the_rounds_policy_and_reuse_keys_on_dtype(spark, tmp_pa
     assert generate.sample(prompts=prompts, round_id="ra", model=fp32, **common).reused == 0
     assert generate.sample(prompts=prompts, round_id="rb", model=bf16, **common).reused == 0
     assert generate.sample(prompts=prompts, round_id="rc", model=fp32, **common).reused == 6
+
+
+def test_several_requests_in_one_pass_give_what_each_alone_gives(spark, tmp_path, tiny_model):
+    """The evaluation's requests (two models, greedy and sampled) share one Spark pass and one commit per chunk;
+    each request's rows are its own (purpose, policy, sampling, count), and its answers are the ones it gets
+    alone. Two purposes are then scored in one pass as each is alone: the other model's answers never vote."""
+    from tao_spark import score
+
+    cfg = load_config(_config_file(tmp_path), _overrides(tmp_path / "home", tiny_model))
+    tables = Tables(spark, cfg.lakehouse)
+    ingest(spark, tables, [_sample(tmp_path)], cfg.ingest)
+    # Answer-type prompts: the rewards that compare a prompt's answers (self-consistency) read them.
+    prompts = tables.read("prompts").where(F.col("task") == "arithmetic").orderBy("prompt_id").limit(4)
+    fp32, bf16 = cfg.model, dataclasses.replace(cfg.model, dtype="bfloat16")  # two engines, as two models
+    greedy = dataclasses.replace(cfg.generate, n=1, temperature=0.0, max_new_tokens=12)
+    sampled = dataclasses.replace(cfg.generate, n=3, max_new_tokens=12)
+    requests = [generate.Request(prompts, "eval_a", fp32, str(tiny_model), "pa", greedy),
+                generate.Request(prompts.limit(2), "eval_b", bf16, str(tiny_model), "pb", sampled)]
+    together = generate.sample_all(tables, requests, round_id="r-both")
+    assert [(r.generated_prompts, r.candidates) for r in together] == [(4, 4), (2, 6)]
+    for r in requests:
+        generate.sample(tables, r.prompts, round_id="r-alone", purpose=r.purpose, model=r.model,
+                        model_path=r.model_path, policy_id=r.policy_id, cfg=r.cfg)
+
+    def rows(round_id: str) -> dict:
+        got = tables.read("candidates").where(F.col("round_id") == round_id).collect()
+        return {(c.purpose, c.prompt_id, c.candidate_idx): (c.completion, c.policy_id, c.sampling) for c in got}
+
+    assert rows("r-both") == rows("r-alone") and len(rows("r-both")) == 10
+
+    for round_id, purposes in (("r-both", [["eval_a", "eval_b"]]), ("r-alone", [["eval_a"], ["eval_b"]])):
+        for p in purposes:
+            score.score_candidates(tables, prompts, round_id=round_id, purpose=p, cfg=cfg.score)
+
+    def values(round_id: str) -> dict:
+        got = tables.read("scores").where(F.col("round_id") == round_id).collect()
+        return {(s.purpose, s.prompt_id, s.candidate_idx, s.reward_name): s.value for s in got}
+
+    assert values("r-both") == values("r-alone") and len(values("r-both")) == 10 * (len(cfg.score.rewards) + 1)
