@@ -1,7 +1,8 @@
 """Generate: sample N candidate answers per prompt with the current policy, fanned out over Spark.
 
     tao generate --round ROUND_ID
-    generate.run(tables, rnd, cfg)      # the stage; generate.sample(...) for any prompts and policy
+    generate.run(tables, rnd, cfg)      # the stage; generate.sample(...) for any prompts and policy,
+    generate.sample_all(tables, [Request(...), ...], round_id=R)   # several requests, one pass
 
 The engine is loaded once per Python worker (``tao_spark.engines.get_generator``) and each partition's
 prompts go to it in batches (transformers) or in one call (vLLM batches continuously). Prompts are processed
