@@ -168,6 +168,13 @@ class TableNotFound(UserError, LookupError):
     """A table that no stage has written yet."""
 
 
+class UnknownTable(UserError, KeyError):
+    """A name that is not one of the tao tables (``SCHEMAS``)."""
+
+    def __str__(self) -> str:  # KeyError's own quotes the message
+        return str(self.args[0])
+
+
 # What writes each table first: the command a user who reads an empty one should run.
 MADE_BY = {"prompts": "tao ingest FILE (or --table NAME)",
            "preference_pairs": "tao ingest-preferences FILE (the bundled set: tao_spark/data/preferences.jsonl)",
@@ -201,7 +208,7 @@ class Tables:
     def path(self, name: str) -> str:
         """Where ``name`` lives: its folder in path mode, its three-part name in catalog mode."""
         if name not in SCHEMAS:
-            raise KeyError(f"unknown table {name!r} (known: {', '.join(SCHEMAS)})")
+            raise UnknownTable(f"unknown table {name!r} (known: {', '.join(SCHEMAS)})")
         return f"{self.namespace}.{name}" if self.namespace else f"{self.root}/{name}"
 
     def ref(self, name: str) -> str:

@@ -34,8 +34,10 @@ def _tao(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
      "tao round: train.trl.lerning_rate: not an option of TRL's DPOConfig (did you mean train.trl.learning_rate?)"),
     (["train-reward", "reward_model.trl.beta=0.1"], "tao train-reward: reward_model.trl.beta: not an option of TRL's "
                                                     "RewardConfig"),
+    (["history", "nosuch"], "tao history: unknown table 'nosuch' (known: prompts, quarantine,"),
+    (["generate"], "tao generate: no prompts yet: run `tao ingest FILE`"),
 ], ids=["round-without-prompts", "train-reward-without-pairs", "stage-without-rounds", "missing-inference-table",
-        "misspelt-trl-option", "trl-option-of-another-trainer"])
+        "misspelt-trl-option", "trl-option-of-another-trainer", "unknown-table", "first-stage-without-prompts"])
 def test_a_fresh_home_gets_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
     r = _tao(tmp_path / "home", *args)
     assert r.returncode == 2, r.stderr[-3000:]
@@ -142,3 +144,13 @@ def test_an_executor_that_cannot_import_a_reward_names_the_fix() -> None:
     assert line.startswith("a Python function on the executors failed: ValueError: reward 'acme': cannot load")
     assert "PYTHONPATH" in line and "\n" not in line
     assert executor_error("java.lang.OutOfMemoryError somewhere") == "a Python function on the executors failed"
+
+
+def test_a_later_stage_alone_does_not_open_a_round(tmp_path: Path) -> None:
+    """Only the first stage starts a round: `tao evaluate` with none open says what to run and writes nothing."""
+    home = tmp_path / "home"
+    assert _tao(home, "ingest", str(Path(__file__).parents[1] / "tao_spark" / "data" / "prompts.jsonl")).returncode == 0
+    r = _tao(home, "evaluate")
+    assert r.returncode == 2 and r.stderr.strip() == ("tao evaluate: no unfinished round: `tao round` runs one whole, "
+                                                      "`tao generate` starts one to run stage by stage")
+    assert not (home / "lakehouse" / "rounds").exists()
