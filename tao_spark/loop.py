@@ -95,7 +95,7 @@ def run_stage(tables: Tables, rnd: Round, stage: str, cfg: Config) -> Round:
     rnd = dataclasses.replace(rnd, **res.fields, metrics=m, status="done" if stage == names[-1] else stage)
     if stage != names[-1]:  # register logs everything itself, and has just ended the run
         registry.log_stage(cfg, rnd.mlflow_run_id, {f"time_{stage}_s": m[f"time_{stage}_s"]})
-    save(tables, rnd, cfg)
+    save(tables, rnd, cfg, stage=stage, seconds=time.perf_counter() - t0)
     log.info(f"tao: {stage}: done in {time.perf_counter() - t0:.1f} s")
     return rnd
 

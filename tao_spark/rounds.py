@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -271,11 +271,18 @@ def versions(tables: Tables, *names: str) -> dict[str, int]:
     return {n: tables.snapshot(n) for n in names if tables.exists(n)}
 
 
-def save(tables: Tables, rnd: Round, cfg: Config) -> None:
+def save(tables: Tables, rnd: Round, cfg: Config, *, stage: str | None = None, seconds: float | None = None) -> None:
+    """Record the round: its row in ``rounds`` when it starts (``stage`` None) and when it is done; after each
+    stage, that stage's row appended to ``round_stages`` (the round's row as the stage left it, with its seconds)."""
     row = {**dataclasses.asdict(rnd), "metrics": json.dumps(rnd.metrics, default=float),
            "config_hash": cfg.digest(), "git_commit": git_commit()}
-    pdf = pd.DataFrame([row], columns=columns("rounds"))
-    tables.merge("rounds", tables.frame("rounds", pdf), update=True)
+    if stage is not None:
+        log_row = {**row, "stage": stage, "seconds": seconds, "recorded_at": datetime.now(UTC)}
+        tables.append("round_stages", tables.frame("round_stages",
+                                                   pd.DataFrame([log_row], columns=columns("round_stages"))))
+    if stage is None or rnd.status == "done":
+        pdf = pd.DataFrame([row], columns=columns("rounds"))
+        tables.merge("rounds", tables.frame("rounds", pdf), update=True)
 
 
 def load(tables: Tables, round_id: str) -> Round:
@@ -283,8 +290,23 @@ def load(tables: Tables, round_id: str) -> Round:
     if not rows:
         raise RoundNotFound(f"no round {round_id!r} in rounds: `tao status` lists the rounds")
     d = rows[0].asDict()
+    if d["status"] != "done":
+        d = _progress(tables, [round_id]).get(round_id, d)
     fields = {f.name for f in dataclasses.fields(Round)}
     return Round(**{**{k: v for k, v in d.items() if k in fields}, "metrics": json.loads(d["metrics"] or "{}")})
+
+
+def _progress(tables: Tables, round_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The latest ``round_stages`` row of each of these unfinished rounds (those that finished a stage), as
+    ``rounds`` rows."""
+    if not round_ids or not tables.exists("round_stages"):
+        return {}
+    from pyspark.sql.window import Window
+
+    newest = Window.partitionBy("round_id").orderBy(F.desc("recorded_at"))
+    rows = (tables.read("round_stages").where(F.col("round_id").isin(round_ids))
+            .withColumn("rk", F.row_number().over(newest)).where("rk = 1").select(*columns("rounds")).collect())
+    return {r.round_id: r.asDict() for r in rows}
 
 
 def latest_open(tables: Tables) -> Round | None:
@@ -366,6 +388,11 @@ def history(tables: Tables) -> pd.DataFrame:
     if not tables.exists("rounds"):
         return pd.DataFrame()
     pdf = tables.read("rounds").orderBy("started_at").toPandas()
+    running = _progress(tables, list(pdf.round_id[pdf.status != "done"]))
+    if running:  # a running round as its latest stage left it
+        later = pd.DataFrame(list(running.values()), columns=pdf.columns)
+        pdf = (pd.concat([pdf[~pdf.round_id.isin(running)], later], ignore_index=True)
+               .sort_values("started_at", ignore_index=True))
     metrics = [json.loads(m or "{}") for m in pdf.metrics]
     out = pdf[["round_id", "status", "prompts_version", "new_prompts", "reused_candidates", "new_candidates",
                "pairs", "promoted", "model_version"]].copy()

@@ -85,6 +85,10 @@ SCHEMAS: dict[str, str] = {
         "started_at timestamp, finished_at timestamp"
     ),
 }
+# One row per stage a round finished: the round's row as that stage left it, appended (a blind append is one
+# commit, a fraction of a second on a cluster, where updating the round's row in place is a MERGE of seconds).
+# `rounds` is written when a round starts and when it is done; a running round's progress is its latest row here.
+SCHEMAS["round_stages"] = "stage string, seconds double, recorded_at timestamp, " + SCHEMAS["rounds"]
 
 KEYS: dict[str, tuple[str, ...]] = {
     "prompts": ("prompt_id",),
@@ -96,6 +100,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "preferences": ("round_id", "prompt_id", "chosen_idx", "rejected_idx"),
     "evaluations": ("round_id", "prompt_id"),
     "rounds": ("round_id",),
+    "round_stages": ("round_id", "stage", "recorded_at"),
     "locks": ("name", "holder"),
     "ingest_watermarks": ("source",),
     "preference_pairs": ("pair_id",),
@@ -178,7 +183,8 @@ class UnknownTable(UserError, KeyError):
 # What writes each table first: the command a user who reads an empty one should run.
 MADE_BY = {"prompts": "tao ingest FILE (or --table NAME)",
            "preference_pairs": "tao ingest-preferences FILE (the bundled set: tao_spark/data/preferences.jsonl)",
-           "rounds": "tao round", "candidates": "tao generate", "scores": "tao score", "preferences": "tao select",
+           "rounds": "tao round", "round_stages": "tao round", "candidates": "tao generate", "scores": "tao score",
+           "preferences": "tao select",
            "evaluations": "tao evaluate", "serving_log": "tao serve", "feedback": "tao serve (POST /v1/feedback)"}
 
 
@@ -311,6 +317,14 @@ class Tables:
         """
         clauses = ("WHEN MATCHED THEN UPDATE SET * " if update else "") + "WHEN NOT MATCHED THEN INSERT *"
         return self._merge(name, df, clauses, retries)
+
+    def append(self, name: str, df: DataFrame) -> None:
+        """Append ``df`` to ``name``: no key lookup, so one commit (for logs whose rows are never updated)."""
+        self.ensure(name)
+        if self.namespace:
+            df.write.insertInto(self.path(name))
+        else:
+            df.write.format("delta").mode("append").save(self.path(name))
 
     def delete(self, name: str, keys: DataFrame, *, retries: int = 8) -> int:
         """Delete the rows of ``name`` whose key is a row of ``keys``; returns how many went.

@@ -108,6 +108,14 @@ def test_round_end_to_end(spark, tmp_path, tiny_model):
     assert {r["count"] for r in per} == {cfg.evaluate.consistency_samples}
     assert 0 <= ev.overall.challenger_consistency <= 1 and ev.overall.consistency_drop_low is not None
 
+    # A row appended to round_stages per stage, the round's row as each left it; `rounds` itself written twice
+    # (start and done), not after every stage (each write there is a MERGE: seconds on a cluster).
+    log_rows = tables.read("round_stages").where(F.col("round_id") == rnd.round_id).orderBy("recorded_at").collect()
+    assert [r.stage for r in log_rows] == list(loop.STAGES)
+    assert [r.status for r in log_rows] == [*list(loop.STAGES)[:-1], "done"] and all(r.seconds > 0 for r in log_rows)
+    assert json.loads(log_rows[2].metrics)["pairs"] == rnd.metrics["pairs"]
+    assert sum(h["operation"] == "MERGE" for h in tables.history("rounds")) == 2
+
     # MLflow: the run, the dataset lineage, the registered version and its aliases.
     import mlflow
     from mlflow import MlflowClient
@@ -241,6 +249,12 @@ def test_candidates_name_the_rounds_policy_and_reuse_keys_on_dtype(spark, tmp_pa
     rnd = loop.start(tables, cfg)
     rnd.base_model = str(other)  # what loop.start sets when the round starts from a champion
     loop.run_stage(tables, rnd, "generate", cfg)
+    # Mid-round, `rounds` still has the row as the round started; load, a resume and `tao status` see the stage.
+    from tao_spark import rounds
+
+    assert tables.read("rounds").where(F.col("round_id") == rnd.round_id).first().status == "started"
+    assert rounds.load(tables, rnd.round_id).status == "generate" == rounds.latest_open(tables).status
+    assert list(rounds.history(tables).status) == ["generate"]
     cands = tables.read("candidates").where(F.col("round_id") == rnd.round_id)
     assert {(r.policy, r.policy_id) for r in cands.select("policy", "policy_id").distinct().collect()} == {
         (str(other), model_id(str(other)))}
