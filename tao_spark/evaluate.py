@@ -94,15 +94,18 @@ def summarize(frame: pd.DataFrame, cfg: Config) -> Evaluation:
                       per_task={t: block(g, ev.seed + i + 1) for i, (t, g) in enumerate(sorted(frame.groupby("task")))})
 
 
-def _answers(tables: Tables, round_id: str, purpose: str) -> pd.DataFrame:
-    cands = tables.read("candidates").where(
-        (F.col("round_id") == round_id) & (F.col("purpose") == purpose) & (F.col("candidate_idx") == 0))
-    sc = tables.read("scores").where(
-        (F.col("round_id") == round_id) & (F.col("purpose") == purpose) & (F.col("candidate_idx") == 0))
-    scores = sc.groupBy("prompt_id").agg(
+def _answers(tables: Tables, round_id: str) -> pd.DataFrame:
+    """Each held-out prompt with both arms' greedy answers and scores (``<column>_<arm>``), in one job."""
+    ours = ((F.col("round_id") == round_id) & F.col("purpose").isin([f"eval_{arm}" for arm in ARMS])
+            & (F.col("candidate_idx") == 0))
+    scores = tables.read("scores").where(ours).groupBy("purpose", "prompt_id").agg(
         F.to_json(F.map_from_entries(F.collect_list(F.struct("reward_name", "value")))).alias("scores"))
-    return cands.join(scores, "prompt_id").select(
-        "prompt_id", "task", "completion", "tokens", "finish_reason", "policy", "scores").toPandas()
+    both = tables.read("candidates").where(ours).join(scores, ["purpose", "prompt_id"]).select(
+        "purpose", "prompt_id", "task", "completion", "tokens", "finish_reason", "policy", "scores").toPandas()
+    a, b = (both[both.purpose == f"eval_{arm}"].drop(columns="purpose") for arm in ARMS)
+    # In prompt order: the bootstrap's resamples index rows, so the interval does not depend on Spark's row order.
+    return (a.merge(b, on=["prompt_id", "task"], suffixes=tuple(f"_{arm}" for arm in ARMS))
+            .sort_values("prompt_id", ignore_index=True))
 
 
 def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
@@ -143,8 +146,7 @@ def compare(
     generate.sample_all(tables, requests, round_id=round_id)
     score.score_candidates(tables, holdout, round_id=round_id, purpose=[f"eval_{arm}" for arm in ARMS],
                            cfg=cfg.score)
-    a, b = (_answers(tables, round_id, f"eval_{arm}") for arm in ARMS)
-    frame = a.merge(b, on=["prompt_id", "task"], suffixes=("_challenger", "_champion"))
+    frame = _answers(tables, round_id)
     for arm, agree in _consistency(tables, frame, texts, asked, round_id=round_id).items():
         frame[f"{arm}_consistency"] = frame.prompt_id.map(agree).astype(float)
     for arm in ARMS:

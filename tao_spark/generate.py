@@ -142,16 +142,20 @@ def run(tables: Tables, rnd: Round, cfg: Config) -> StageResult:
     # The round's policy (the champion when loop.start_from is champion) is what the rows record as theirs.
     res = sample(tables, train, round_id=rnd.round_id, purpose="train", model=dataclasses.replace(cfg.model, path=uri),
                  model_path=path, policy_id=pid, cfg=cfg.generate)
-    mended = add_mends(tables, train, round_id=rnd.round_id) if cfg.generate.mend else 0
+    if cfg.generate.mend:
+        add_mends(tables, train, round_id=rnd.round_id)
     cands = tables.read("candidates").where((F.col("round_id") == rnd.round_id) & (F.col("purpose") == "train"))
-    # Tokens and the length cap are the sampler's: a mend generated nothing.
-    sampled = F.col("finish_reason") != "mend"
+    # Tokens and the length cap are the sampler's: a mend generated nothing. One job for every count (each job is
+    # a fixed cost on a cluster).
+    sampled, is_mend = F.col("finish_reason") != "mend", F.col("finish_reason") == "mend"
     agg = cands.agg(F.count("*").alias("n"), F.sum(F.when(sampled, F.col("tokens"))).alias("tok"),
-                    F.avg(F.when(sampled, (F.col("finish_reason") == "length").cast("double"))).alias("capped")
-                    ).first()
-    reused = cands.where(F.col("reused_from").isNotNull()).count()
+                    F.avg(F.when(sampled, (F.col("finish_reason") == "length").cast("double"))).alias("capped"),
+                    F.count(F.when(F.col("reused_from").isNotNull(), 1)).alias("reused"),
+                    F.count(F.when(is_mend, 1)).alias("mended")).first()
+    reused, mended = int(agg.reused), int(agg.mended)
+    log.info(f"tao: generate[train]: {mended} mended candidates (samples edited to meet an instruction they missed)")
     return StageResult(
-        fields={"policy_id": pid, "n_train": train.count(), "n_holdout": holdout.count(),
+        fields={"policy_id": pid, "n_train": res.prompts, "n_holdout": holdout.count(),
                 "n_prompts": tables.read("prompts", version=rnd.prompts_version).count(),
                 "reused_candidates": reused, "new_candidates": agg.n - reused - mended},
         record=Generated(candidates=agg.n, candidates_reused=reused, candidates_new=agg.n - reused - mended,
@@ -297,18 +301,14 @@ def add_mends(tables: Tables, prompts: DataFrame, *, round_id: str) -> int:
     instructions (``rewards.mend``: case, commas, an opening or closing phrase, a word limit, bullets...) as a
     candidate of the round: index ``MEND_OFFSET +`` its source's, ``finish_reason`` ``mend``, its source and edits in
     ``sampling``. Scored and selected like any candidate, a mend is the chosen side its source could not be. A re-run
-    inserts only mends not yet there. Returns how many the round has."""
+    inserts only mends not yet there. Returns how many this call added."""
     this = (F.col("round_id") == round_id) & (F.col("purpose") == "train")
     cands = tables.read("candidates").where(this)
     src = (cands.where(F.col("finish_reason") != "mend")
            .join(prompts.select("prompt_id", F.to_json("messages").alias("messages_json")), "prompt_id")
            .withColumn("mend_idx", F.col("candidate_idx") + F.lit(MEND_OFFSET)))
     rows = src.mapInPandas(_mend_partition, CANDIDATE_SCHEMA).toPandas()
-    if len(rows):
-        tables.merge("candidates", tables.frame("candidates", rows))
-    mended = tables.read("candidates").where(this & (F.col("finish_reason") == "mend")).count()
-    log.info(f"tao: generate[train]: {mended} mended candidates (samples edited to meet an instruction they missed)")
-    return mended
+    return tables.merge("candidates", tables.frame("candidates", rows)) if len(rows) else 0
 
 
 def _missing(tables: Tables, prompts: DataFrame, round_id: str, purpose: str, n: int) -> DataFrame:
