@@ -31,7 +31,7 @@ from pyspark.sql.window import Window
 from tao_spark.config import Config, SelectConfig
 from tao_spark.rounds import Round, Selected, StageResult, versions
 from tao_spark.score import COMBINED, COMBINED_RAW
-from tao_spark.tables import KEYS, Tables
+from tao_spark.tables import KEYS, SCHEMAS, Tables
 
 log = logging.getLogger("tao.select")
 
@@ -120,21 +120,24 @@ def write_pairs(tables: Tables, *, round_id: str, cfg: SelectConfig) -> int:
     components = (scores.where(~F.col("reward_name").isin(COMBINED, COMBINED_RAW)
                                & ~F.col("reward_name").endswith("_failed"))
                   .select("prompt_id", "candidate_idx", "reward_name", "value"))
-    made = pairs(cands, combined, cfg, round_id, components)
-    # Update matched pairs too: another strategy may make the same pair, and its row must name that strategy.
-    tables.merge("preferences", made, update=True)
+    # Collected once (a round's pairs are few): the MERGE and the stale-pair check read these rows, not the pair
+    # query twice (each pass of it is several jobs on a cluster).
+    made = pairs(cands, combined, cfg, round_id, components).toPandas()
     key = list(KEYS["preferences"])
+    tables.ensure("preferences")
+    if len(made):
+        # Update matched pairs too: another strategy may make the same pair, and its row must name that strategy.
+        tables.merge("preferences", tables.frame("preferences", made), update=True)
     # Pairs an earlier run of this round made under other settings; merge-then-delete, so a run killed between
-    # the two ends, when re-run, in the same table as a run never killed. Collected first: the keys are few,
-    # and a MERGE whose source reads its own target is not something every engine here supports.
-    stale = (tables.read("preferences").where(F.col("round_id") == round_id).select(*key)
-             .join(made.select(*key), key, "left_anti"))
-    gone = stale.toPandas()
+    # the two ends, when re-run, in the same table as a run never killed.
+    had = tables.read("preferences").where(F.col("round_id") == round_id).select(*key).toPandas()
+    gone = had.merge(made[key], on=key, how="left", indicator=True).query("_merge == 'left_only'")[key]
     if len(gone):
-        tables.delete("preferences", tables.spark.createDataFrame(gone, stale.schema))
+        types = dict(f.split(" ", 1) for f in SCHEMAS["preferences"].split(", "))
+        tables.delete("preferences", tables.spark.createDataFrame(gone.reset_index(drop=True),
+                                                                  ", ".join(f"{k} {types[k]}" for k in key)))
         log.info(f"tao: select: removed {len(gone)} pairs an earlier run of round {round_id} made")
-    n = tables.read("preferences").where(F.col("round_id") == round_id).count()
-    prompts = cands.select("prompt_id").distinct().count()
-    log.info(f"tao: select: {n} pairs from {prompts} prompts (strategy={cfg.strategy}, min_margin={cfg.min_margin}, "
-             f"pairs_per_prompt={cfg.pairs_per_prompt})")
+    n = len(made)
+    log.info(f"tao: select: {n} pairs from {made.prompt_id.nunique()} prompts (strategy={cfg.strategy}, "
+             f"min_margin={cfg.min_margin}, pairs_per_prompt={cfg.pairs_per_prompt})")
     return n
