@@ -292,6 +292,10 @@ def load(tables: Tables, round_id: str) -> Round:
     d = rows[0].asDict()
     if d["status"] != "done":
         d = _progress(tables, [round_id]).get(round_id, d)
+    return _round(d)
+
+
+def _round(d: dict[str, Any]) -> Round:
     fields = {f.name for f in dataclasses.fields(Round)}
     return Round(**{**{k: v for k, v in d.items() if k in fields}, "metrics": json.loads(d["metrics"] or "{}")})
 
@@ -321,8 +325,9 @@ def finished(tables: Tables) -> list[Round]:
     """Finished rounds, oldest first."""
     if not tables.exists("rounds"):
         return []
-    rows = tables.read("rounds").where(F.col("status") == "done").orderBy("started_at").select("round_id").collect()
-    return [load(tables, r.round_id) for r in rows]
+    # One query for all of them (a done round's row is final in `rounds`), not one per round.
+    return [_round(r.asDict()) for r in
+            tables.read("rounds").where(F.col("status") == "done").orderBy("started_at").collect()]
 
 
 def count_new(tables: Tables, version: int, since: int | None) -> int:
