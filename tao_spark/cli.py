@@ -409,7 +409,6 @@ def _stage_args(p: argparse.ArgumentParser) -> None:
 def _stage(name: str) -> Handler:
     def run(a: argparse.Namespace, cfg: Config) -> int:
         from tao_spark import loop, rounds
-        from tao_spark.tables import TableNotFound
 
         _, tables = _context(cfg)
         rnd = rounds.load(tables, a.round_id) if a.round_id else rounds.latest_open(tables)
@@ -418,10 +417,7 @@ def _stage(name: str) -> Handler:
             raise UserError(f"no unfinished round: `tao round` runs one whole, `tao {next(iter(STAGES))}` starts one "
                             "to run stage by stage")
         if rnd is None:
-            try:
-                rnd = loop.start(tables, cfg)
-            except TableNotFound:
-                raise UserError("no prompts yet: run `tao ingest FILE` (or `tao ingest --table NAME`) first") from None
+            rnd = loop.start(tables, cfg)
         if rnd is None:
             print("nothing to do: no new prompts since the last promoted round")
             return 0

@@ -193,18 +193,19 @@ def _consistency(tables: Tables, frame: pd.DataFrame, texts: dict[str, str], ask
     Without labels, a model whose sampled answers stop agreeing with its own greedy one has most likely lost the
     skill (a right answer is stable under sampling, a guess is not). Both arms draw with the same seeds per prompt.
     """
-    asked = [p for p in asked if p in set(frame.prompt_id)]
+    answered = set(frame.prompt_id)
+    asked = [p for p in asked if p in answered]
     if not asked:
         return {}
     purposes = {f"eval_{arm}_samples": arm for arm in ARMS}
     samples = (tables.read("candidates").where((F.col("round_id") == round_id) & F.col("purpose").isin(list(purposes))
                                                & F.col("prompt_id").isin(asked))
                .select("purpose", "prompt_id", "completion").toPandas())
+    greedy = {arm: dict(zip(frame.prompt_id, frame[f"completion_{arm}"], strict=True)) for arm in ARMS}
     out: dict[str, dict[str, float]] = {arm: {} for arm in ARMS}
     for (purpose, prompt_id), rows in samples.groupby(["purpose", "prompt_id"]):
         arm = purposes[str(purpose)]
-        greedy = frame.loc[frame.prompt_id == prompt_id, f"completion_{arm}"].iloc[0]
-        key = answer_key(texts[str(prompt_id)], greedy)
+        key = answer_key(texts[str(prompt_id)], greedy[arm][prompt_id])
         out[arm][str(prompt_id)] = 0.0 if key is None else float(
             np.mean([answer_key(texts[str(prompt_id)], c) == key for c in rows.completion]))
     return out

@@ -40,7 +40,10 @@ def start(tables: Tables, cfg: Config) -> Round | None:
     Returns None when no prompt arrived since the last promoted round: tuning again on the same data would
     only repeat that round.
     """
-    version = tables.snapshot("prompts")
+    try:
+        version = tables.snapshot("prompts")
+    except TableNotFound:
+        raise UserError("no prompts yet: run `tao ingest FILE` (or `tao ingest --table NAME`) first") from None
     done = finished(tables)
     promoted = [r for r in done if r.promoted]
     if promoted and count_new(tables, version, promoted[-1].prompts_version) == 0:
@@ -109,10 +112,7 @@ def run_round(tables: Tables, cfg: Config, *, new: bool = False,
     train.check_trl(cfg.train.trl, cfg.train.method, "train.trl")  # a misspelt option fails now, not at train
     rnd = None if new else latest_open(tables)
     if rnd is None:
-        try:
-            rnd = start(tables, cfg)
-        except TableNotFound:
-            raise UserError("no prompts yet: run `tao ingest FILE` (or `tao ingest --table NAME`) first") from None
+        rnd = start(tables, cfg)
         if rnd is None:
             return None
     else:
