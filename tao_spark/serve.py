@@ -643,6 +643,7 @@ def create_app(service: Service) -> FastAPI:
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -682,6 +683,13 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, e: BadRequest) -> Any:
         return _error(e.status, e.message, e.type, e.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def no_route(request: Request, e: StarletteHTTPException) -> Any:
+        # An unknown path or method: OpenAI's error shape, as for every other refusal, not FastAPI's {"detail"}.
+        what = {404: "no such route", 405: "method not allowed on"}.get(e.status_code, str(e.detail))
+        return _error(e.status_code, f"{what} {request.method} {request.url.path}", "invalid_request_error",
+                      {404: "not_found", 405: "method_not_allowed"}.get(e.status_code))
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, e: Exception) -> Any:

@@ -225,6 +225,16 @@ def test_auth_and_bad_requests_get_openai_errors(live: tuple[int, Any]) -> None:
     assert status == 400 and "messages" in err["error"]["message"]
     status, err = _post(port, "/v1/chat/completions", b"[" * 10_000)  # over serve.max_request_bytes
     assert status == 413
+    # An unknown route or method is an OpenAI-shaped error too (openai clients read error.message).
+    status, err = _post(port, "/v1/completion", body)
+    assert status == 404 and err["error"]["code"] == "not_found" and "/v1/completion" in err["error"]["message"]
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                 headers={"Authorization": f"Bearer {KEY}"})
+    try:
+        urllib.request.urlopen(req, timeout=10)
+        raise AssertionError("GET /v1/chat/completions answered")
+    except urllib.error.HTTPError as e:
+        assert e.code == 405 and json.loads(e.read())["error"]["code"] == "method_not_allowed"
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
         assert json.loads(r.read())["status"] == "ok"
 
