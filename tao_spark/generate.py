@@ -205,22 +205,22 @@ def sample_all(tables: Tables, requests: list[Request], *, round_id: str, chunk_
     if len({r.purpose for r in requests}) < len(requests):
         raise ValueError("sample_all: one request per purpose")
     tables.ensure("candidates")
+    # Every request's look in the same few jobs (its prompts, what the round has, what earlier rounds made with the
+    # same policy): a look per request was three jobs apiece, each seconds of fixed work on a cluster.
+    wanted, missing = _missing(tables, requests, round_id)
+    reused = _reuse(tables, requests, missing, round_id=round_id)
     todos: list[tuple[DataFrame, list[str]]] = []
     results = []
-    for r in requests:
-        sampling = Sampling.of(r.cfg, r.model.dtype)
-        total = r.prompts.count()
-        todo = _missing(tables, r.prompts, round_id, r.purpose, sampling.n)
-        reused = _reuse(tables, todo, round_id=round_id, purpose=r.purpose, policy_id=r.policy_id, sampling=sampling)
-        if reused:  # else what is missing has not changed: one look less (a few jobs on a cluster)
-            todo = _missing(tables, r.prompts, round_id, r.purpose, sampling.n)
-            log.info(f"tao: generate[{r.purpose}]: reused {reused} candidates of earlier rounds (same policy, "
-                     "sampling and seed)")
-        ids = sorted(x.prompt_id for x in todo.select("prompt_id").collect())
+    for i, r in enumerate(requests):
+        if reused[i]:
+            log.info(f"tao: generate[{r.purpose}]: reused {sum(reused[i].values())} candidates of "
+                     f"{len(reused[i])} prompts from earlier rounds (same policy, sampling and seed)")
+        ids = sorted(missing[i] - reused[i].keys())
         if not ids:
-            log.info(f"tao: generate[{r.purpose}]: all {total} prompts have candidates")
+            log.info(f"tao: generate[{r.purpose}]: all {len(wanted[i])} prompts have candidates")
+        todo = r.prompts.select("prompt_id", "task", F.to_json("messages").alias("messages_json"))
         todos.append((todo, ids))
-        results.append(GenerateResult(total, len(ids), 0, 0, 0.0, reused))
+        results.append(GenerateResult(len(wanted[i]), len(ids), 0, 0, 0.0, sum(reused[i].values())))
     passes: dict[Any, list[int]] = {}
     for i, r in enumerate(requests):
         if todos[i][1]:
@@ -311,35 +311,57 @@ def add_mends(tables: Tables, prompts: DataFrame, *, round_id: str) -> int:
     return tables.merge("candidates", tables.frame("candidates", rows)) if len(rows) else 0
 
 
-def _missing(tables: Tables, prompts: DataFrame, round_id: str, purpose: str, n: int) -> DataFrame:
-    """Prompts of ``prompts`` that do not yet have all ``n`` candidates in this round."""
-    done = (tables.read("candidates").where((F.col("round_id") == round_id) & (F.col("purpose") == purpose)
-                                            & (F.col("finish_reason") != "mend"))
-            .groupBy("prompt_id").count().where(F.col("count") >= n).select("prompt_id"))
-    return prompts.select("prompt_id", "task", F.to_json("messages").alias("messages_json")).join(
-        done, "prompt_id", "left_anti")
+def _missing(tables: Tables, requests: list[Request], round_id: str) -> tuple[list[set[str]], list[set[str]]]:
+    """Per request, its prompt ids and those of them this round does not yet have all ``n`` candidates of."""
+    asked = functools.reduce(DataFrame.unionByName, [r.prompts.select("prompt_id", F.lit(i).alias("req"))
+                                                     for i, r in enumerate(requests)])
+    wanted: list[set[str]] = [set() for _ in requests]
+    for row in asked.collect():
+        wanted[row.req].add(row.prompt_id)
+    have = (tables.read("candidates")
+            .where((F.col("round_id") == round_id) & F.col("purpose").isin([r.purpose for r in requests])
+                   & (F.col("finish_reason") != "mend"))
+            .groupBy("purpose", "prompt_id").count().collect())
+    n = {r.purpose: r.cfg.n for r in requests}
+    done: dict[str, set[str]] = {r.purpose: set() for r in requests}
+    for row in have:
+        if row["count"] >= n[row.purpose]:
+            done[row.purpose].add(row.prompt_id)
+    return wanted, [wanted[i] - done[r.purpose] for i, r in enumerate(requests)]
 
 
-def _reuse(tables: Tables, todo: DataFrame, *, round_id: str, purpose: str, policy_id: str,
-           sampling: Sampling) -> int:
-    """Copy candidates that an earlier round generated with the same policy, sampling and seed.
+def _reuse(tables: Tables, requests: list[Request], missing: list[set[str]], *, round_id: str
+           ) -> list[dict[str, int]]:
+    """Copy candidates that an earlier round generated with the same policy, sampling and seed, for every
+    request's missing prompts at once; returns per request the prompts served this way and their rows.
 
     Seeds derive from (seed, prompt_id), so those rows are exactly what generating again would give.
     Only original rows are copied (never copies of copies), from the earliest round that has all n.
     """
-    c = tables.read("candidates")
-    src = c.where((F.col("policy_id") == policy_id) & (F.col("sampling") == sampling.to_json())
-                  & F.col("reused_from").isNull()
-                  & ~((F.col("round_id") == round_id) & (F.col("purpose") == purpose)))
-    complete = (src.groupBy("prompt_id", "round_id", "purpose").count().where(F.col("count") >= sampling.n)
-                .join(todo.select("prompt_id"), "prompt_id", "left_semi"))
-    first = Window.partitionBy("prompt_id").orderBy("round_id", "purpose")
+    out: list[dict[str, int]] = [{} for _ in requests]
+    keys = [(i, pid, r.policy_id, Sampling.of(r.cfg, r.model.dtype).to_json(), r.cfg.n, r.purpose)
+            for i, r in enumerate(requests) for pid in sorted(missing[i])]
+    if not keys:
+        return out
+    want = tables.spark.createDataFrame(keys, "req int, prompt_id string, policy_id string, sampling string, "
+                                              "n int, dst_purpose string")
+    src = (tables.read("candidates").where(F.col("reused_from").isNull())
+           .join(want, ["prompt_id", "policy_id", "sampling"])
+           .where(~((F.col("round_id") == round_id) & (F.col("purpose") == F.col("dst_purpose")))))
+    complete = (src.groupBy("req", "prompt_id", "round_id", "purpose", "n").count()
+                .where(F.col("count") >= F.col("n")))
+    first = Window.partitionBy("req", "prompt_id").orderBy("round_id", "purpose")
     pick = (complete.withColumn("rk", F.row_number().over(first)).where("rk = 1")
-            .select("prompt_id", F.col("round_id").alias("src_round"), F.col("purpose").alias("src_purpose")))
-    rows = (src.join(pick, "prompt_id")
-            .where((F.col("round_id") == F.col("src_round")) & (F.col("purpose") == F.col("src_purpose")))
-            .withColumn("reused_from", F.concat_ws("/", "src_round", "src_purpose"))
-            .withColumn("round_id", F.lit(round_id)).withColumn("purpose", F.lit(purpose))
-            .select(*columns("candidates")))
+            .select("req", "prompt_id", "round_id", "purpose", "count"))
     # Nothing to copy is the common case (a first round, a new policy): a look costs one job, a MERGE a dozen.
-    return 0 if pick.isEmpty() else tables.merge("candidates", rows)
+    picked = pick.collect()
+    if not picked:
+        return out
+    for row in picked:
+        out[row.req][row.prompt_id] = int(row["count"])
+    rows = (src.join(pick.drop("count"), ["req", "prompt_id", "round_id", "purpose"])
+            .withColumn("reused_from", F.concat_ws("/", "round_id", "purpose"))
+            .withColumn("round_id", F.lit(round_id)).withColumn("purpose", F.col("dst_purpose"))
+            .select(*columns("candidates")))
+    tables.merge("candidates", rows)
+    return out
