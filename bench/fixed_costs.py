@@ -56,7 +56,7 @@ def profile(events: Path, stages: list[dict[str, Any]]) -> dict[str, Any]:
     starts: dict[int, tuple[float, str]] = {}
     execs: list[tuple[float, float, str, int]] = []
     jobs: dict[int, int] = {}
-    for f in sorted(events.iterdir()):
+    for f in sorted(p for p in events.rglob("*") if p.is_file() and not p.name.startswith("appstatus")):
         for line in f.read_text().splitlines():
             e = json.loads(line)
             kind = e.get("Event", "")
@@ -117,7 +117,8 @@ def main() -> None:
         events.mkdir()
         (work / "spark-conf").mkdir()
         (work / "spark-conf" / "spark-defaults.conf").write_text(
-            f"spark.eventLog.enabled true\nspark.eventLog.dir file://{events}\n")
+            f"spark.eventLog.enabled true\nspark.eventLog.dir file://{events}\nspark.eventLog.compress false\n"
+            "spark.eventLog.rolling.enabled false\n")
         os.environ["SPARK_CONF_DIR"] = str(work / "spark-conf")
     _, state = tao(cluster_home, "cluster", "start", "--connect", "--json")
     os.environ.pop("SPARK_CONF_DIR", None)  # only the SQL server logs events: the other ways are timed as ever
@@ -133,7 +134,9 @@ def main() -> None:
         for mode, extra in (m for m in modes if m[0] in wanted):
             home = work / mode
             ingest_s, counts = tao(home, "ingest", str(PROMPTS), "--json", "--config", str(conf), *extra)
+            began = time.time()
             round_s, rnd = tao(home, "round", "--json", *round_args, *extra)
+            ended = time.time()
             m = rnd["metrics"]
             out[mode] = {"ingest_s": round(ingest_s, 1), "ingested": counts["accepted"], "round_s": round(round_s, 1),
                          "stages_s": {s: round(m.get(f"time_{s}_s", float("nan")), 1) for s in STAGES},
@@ -147,6 +150,10 @@ def main() -> None:
                     "SELECT stage, seconds, unix_micros(recorded_at) / 1e6 AS recorded_at FROM tao.round_stages "
                     "ORDER BY recorded_at").collect()]
                 spark.stop()
+                # The command's seconds outside its stages: process start, the round's start, the report.
+                first, last = rows[0]["recorded_at"] - rows[0]["seconds"], rows[-1]["recorded_at"]
+                rows = [{"stage": "(before the stages)", "seconds": first - began, "recorded_at": first}, *rows,
+                        {"stage": "(after the stages)", "seconds": ended - last, "recorded_at": ended}]
                 prof = profile(events, rows)
                 dump(prof, str(ROOT / "bench" / "results" / "fixed_costs_profile.json"))
                 print(json.dumps(prof, indent=1), file=sys.stderr)

@@ -63,7 +63,7 @@ def delta_package() -> str:
 
 
 def delta_conf(conf: dict[str, str], shuffle_partitions: int) -> dict[str, str]:
-    """Spark conf for Delta on JVM Spark (delta-spark), under ``conf`` (the user's keys win).
+    """Spark conf for JVM Spark: Delta (delta-spark) and tao's worker daemon, under ``conf`` (the user's keys win).
 
     The jars come from Maven through ``spark.jars.packages`` unless ``conf`` already names jars (``spark.jars``,
     for example ones fetched with ``mvn dependency:get`` where Spark's own resolver cannot reach a registry).
@@ -74,6 +74,8 @@ def delta_conf(conf: dict[str, str], shuffle_partitions: int) -> dict[str, str]:
         # Delta rebuilds a table's state with 50 tasks by default: most of a small read's time on a few cores.
         "spark.databricks.delta.snapshotPartitions": str(max(2, shuffle_partitions)),
         "spark.ui.showConsoleProgress": "false",  # the stages print their own progress
+        # Executors fork Python workers from a daemon that has torch and transformers imported already.
+        "spark.python.daemon.module": "tao_spark.worker_daemon",
     }
     if "spark.jars" not in conf and "delta-spark" not in conf.get("spark.jars.packages", ""):
         packages = [p for p in conf.get("spark.jars.packages", "").split(",") if p]
