@@ -106,8 +106,9 @@ bench: $(STAMP)
 	$(PY) bench/ingest_bench.py --rows 20000
 	$(PY) bench/run_all.py
 
-# K rounds of the loop on the bundled log as it grows (start_from champion and base), with the base model's
-# best-of-N as the ceiling: a table and a plot in .quality/ and MLflow. Hours on 2 cores at this budget; not a test.
+# Three rounds of the loop on the bundled log as it grows (the default config: each round from the base on every
+# prompt so far), with the base model's best-of-N as the ceiling: a table and a plot in .quality/ and MLflow.
+# About 55 minutes on 2 cores (QUALITY.md); not a test.
 quality: $(STAMP)
 	$(PY) bench/quality.py $(QUALITY_ARGS)
 

@@ -2,7 +2,8 @@
 the supervised baseline on reference answers, with the base model's best-of-N and majority@N on the same held-out
 prompts as the label-free ceiling.
 
-    make quality                        # 3 rounds x {champion, base, sft_labels}, every training prompt, n=8
+    make quality                        # 3 rounds from the base (the default config), every training prompt, n=4
+    .venv/bin/python bench/quality.py --arms champion,base,sft_labels   # more arms: about 55 minutes each
     .venv/bin/python bench/quality.py --rounds 2 --arms champion --set generate.max_prompts=80 generate.n=4
 
 The log arrives in K slices (a stable hash of each prompt's id), one before each round, so round k trains on every
@@ -299,7 +300,7 @@ def plot(result: dict[str, Any], path: Path) -> Any:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3, help="K: the log arrives in K slices, one round after each")
-    ap.add_argument("--arms", default="champion,base,sft_labels",
+    ap.add_argument("--arms", default="base",
                     help="comma-separated: champion, base (loop.start_from) and sft_labels (the supervised baseline)")
     ap.add_argument("--best-of", type=int, default=4, help="N of the base model's best-of-N and majority@N")
     ap.add_argument("--out", default=str(common.ROOT / ".quality"), help="homes of the arms and the results")
@@ -308,9 +309,10 @@ def main() -> None:
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # The realistic budget (every training prompt, 8 samples) unless --set says otherwise; every round re-checks
+    # Every training prompt so far, 4 samples each (three rounds in under an hour on 2 cores; QUALITY.md) unless
+    # --set says otherwise; every round re-checks
     # all of round 1's held-out prompts.
-    overrides = ["generate.max_prompts=0", "generate.n=8", "evaluate.max_prompts=0", "loop.forgetting_prompts=100000",
+    overrides = ["generate.max_prompts=0", "generate.n=4", "evaluate.max_prompts=0", "loop.forgetting_prompts=100000",
                  *a.set]
     out = Path(a.out)
     prompts = [json.loads(line) for line in common.PROMPTS.read_text().splitlines() if line.strip()]
