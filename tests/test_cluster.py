@@ -253,7 +253,7 @@ def test_two_rounds_on_the_cluster(driver: Any, local_cluster: tuple[cluster.Clu
 
 
 def _python_workers(app_id: str) -> list[int]:
-    """PIDs of the Python workers forked by this application's executors (children of ``pyspark.daemon``)."""
+    """PIDs of the Python workers forked by this application's executors (children of the worker daemon)."""
     procs: dict[int, tuple[int, str]] = {}
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
@@ -272,8 +272,11 @@ def _python_workers(app_id: str) -> list[int]:
             pid = ppid
         return False
 
+    def daemon(cmd: str) -> bool:  # tao's daemon (torch imported before the fork), or pyspark's own
+        return "tao_spark.worker_daemon" in cmd or "pyspark.daemon" in cmd
+
     return [pid for pid, (ppid, cmd) in procs.items()
-            if "pyspark.daemon" in cmd and "pyspark.daemon" in procs.get(ppid, (0, ""))[1] and under_app(pid)]
+            if daemon(cmd) and daemon(procs.get(ppid, (0, ""))[1]) and under_app(pid)]
 
 
 def test_killed_python_worker_is_retried_with_exact_counts(driver: Any, local_cluster: tuple[cluster.ClusterState,
