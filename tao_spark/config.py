@@ -517,7 +517,10 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     """Set ``a.b.c=value`` in a nested mapping; the value is parsed as YAML (8 -> int, true -> bool)."""
     key, sep, raw = override.partition("=")
     _check(bool(sep) and bool(key), override, "an override looks like section.key=value")
-    *parents, leaf = key.strip().split(".")
+    key = key.strip()
+    # Spark's own keys are dotted: whatever follows spark.conf. is one key (spark.conf.spark.executor.memory=4g).
+    head, _, conf_key = key.partition("spark.conf.")
+    *parents, leaf = ["spark", "conf", conf_key] if not head and conf_key else key.split(".")
     node = data
     for p in parents:
         node = node.setdefault(p, {})

@@ -65,6 +65,15 @@ def test_override_without_file_and_int_to_float() -> None:
     assert cfg.generate == dataclasses.replace(GenerateConfig(), temperature=1.0)
 
 
+def test_a_spark_conf_override_keeps_its_dotted_key() -> None:
+    # Spark's keys are dotted; after spark.conf. the rest is one key, as spark-submit's --conf takes it.
+    cfg = load_config(None, ["spark.conf.spark.python.daemon.module=pyspark.daemon",
+                             "spark.conf.spark.executor.memory=4g"])
+    assert cfg.spark.conf["spark.python.daemon.module"] == "pyspark.daemon"
+    assert cfg.spark.conf["spark.executor.memory"] == "4g"
+    assert load_config(None, ["spark.shuffle_partitions=3"]).spark.shuffle_partitions == 3
+
+
 def test_digest_follows_the_values() -> None:
     assert load_config(None, ["generate.n=8"]).digest() != load_config(None, ["generate.n=9"]).digest()
 
