@@ -5,7 +5,7 @@ for each task that needs one. With ``pyspark.daemon`` a worker imports torch and
 here) the first time a generate, evaluate or reward-model UDF runs in it; and an executor discards a worker
 idle for a minute, so each stage of a round met fresh workers and paid that again. Imported here, before the
 fork, every worker starts with them (copy-on-write). Importing torch starts no threads and touches no GPU, so
-forking after it is safe. Where they are not installed the daemon is pyspark's own.
+forking after it is safe. Where they are not installed nothing is preloaded and the daemon runs as pyspark's.
 """
 
 from __future__ import annotations
