@@ -135,6 +135,9 @@ class GenerateConfig:
     partitions: int = _f(2, "Spark partitions for the fan-out (at most one per core on CPU)", ge=1)
     mend: bool = _f(True, "add each sample edited to meet the format instructions it missed (case, commas, a "
                           "closing phrase, a word limit...) as a candidate: the pair a small model rarely samples")
+    greedy_answer: bool = _f(True, "on prompts that ask for a short final answer (a number, a choice), candidate 0 is "
+                                   "the policy's greedy answer, its mode, which self-consistency anchors on: a small "
+                                   "model's samples are right far less often than its greedy answer")
     max_prompts: int = _f(0, "cap on training prompts per round, taken in a stable order; 0 = all", ge=0)
     torch_threads: int = _f(0, "intra-op threads per partition; 0 = cores // partitions "
                                "(oversubscription is 5-10x slower)", ge=0)

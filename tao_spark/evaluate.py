@@ -138,7 +138,8 @@ def compare(
                 for arm, (uri, path, pid) in arms.items()]
     texts, asked = _short_answer_prompts(holdout, cfg)
     if asked:  # the consistency samples: the same pass as the greedy answers, not two more
-        k = dataclasses.replace(cfg.generate, n=cfg.evaluate.consistency_samples,
+        # All sampled: they are measured against the greedy answer, so none of them may be it.
+        k = dataclasses.replace(cfg.generate, n=cfg.evaluate.consistency_samples, greedy_answer=False,
                                 max_new_tokens=cfg.evaluate.max_new_tokens)
         requests += [generate.Request(holdout.where(F.col("prompt_id").isin(asked)), f"eval_{arm}_samples",
                                       dataclasses.replace(cfg.model, path=uri), path, pid, k)

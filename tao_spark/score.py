@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 COMBINED = "combined"
 # Bumped when a built-in reward's values change for the same config (see reward_key).
-SEMANTICS = "rewards-2"
+SEMANTICS = "rewards-3"
 COMBINED_RAW = "combined_raw"
 _lock = threading.Lock()
 _rewards: dict[str, Any] = {}
@@ -58,10 +58,11 @@ def get_reward(spec: RewardSpec) -> Any:
         return _rewards[key]
 
 
-def takes_tasks(fn: Any) -> bool:
-    """Whether a reward takes each row's task (``tasks=``), as the judge does for per-task guidelines."""
+def takes(fn: Any, arg: str) -> bool:
+    """Whether a reward takes ``arg``: each row's task (``tasks=``, as the judge does for per-task guidelines), or
+    which rows are the policy's greedy answer (``greedy=``, self-consistency's anchor)."""
     try:
-        return "tasks" in inspect.signature(fn).parameters
+        return arg in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
 
@@ -81,7 +82,8 @@ def score_frame(pdf: pd.DataFrame, specs: list[RewardSpec], cfg: ScoreConfig | N
     """Score a frame of (prompt messages_json, completion[, task]) rows; one column per reward plus ``combined``.
 
     The frame holds every candidate of each of its prompts (rewards that compare them need all); a reward that
-    takes ``tasks`` gets each row's task.
+    takes ``tasks`` gets each row's task, one that takes ``greedy`` whether the row is the policy's greedy answer
+    (the frame's optional ``greedy`` column).
 
     A reward that records failures (an LLM judge whose answer did not parse) adds ``<name>_failed`` (1.0 where it
     failed; the reward itself is NaN there). With ``cfg.length_control`` on, ``combined`` is the length-adjusted
@@ -93,11 +95,14 @@ def score_frame(pdf: pd.DataFrame, specs: list[RewardSpec], cfg: ScoreConfig | N
     completions = [c or "" for c in pdf["completion"]]
     out = pd.DataFrame(index=pdf.index)
     failed: dict[str, list[float]] = {}
-    tasks = [str(t) for t in pdf["task"]] if "task" in pdf.columns else None
+    extra = {}
+    if "task" in pdf.columns:
+        extra["tasks"] = [str(t) for t in pdf["task"]]
+    if "greedy" in pdf.columns:
+        extra["greedy"] = [bool(g) for g in pdf["greedy"]]
     for spec in specs:
         fn = get_reward(spec)
-        vals = fn(prompts, completions, tasks=tasks) if tasks is not None and takes_tasks(fn) else \
-            fn(prompts, completions)
+        vals = fn(prompts, completions, **{k: v for k, v in extra.items() if takes(fn, k)})
         if len(vals) != len(completions):
             raise ValueError(f"reward {spec.name!r} returned {len(vals)} values for {len(completions)} rows")
         out[spec.name] = np.array(vals, dtype="float64")  # None -> NaN: the reward does not apply
@@ -293,7 +298,11 @@ def score_candidates(tables: Tables, prompts: DataFrame, *, round_id: str, purpo
                   .select("purpose", "prompt_id").distinct())
     todo = (cands.join(unfinished, ["purpose", "prompt_id"])
             .join(prompts.select("prompt_id", F.to_json("messages").alias("messages_json")), "prompt_id")
-            .select("round_id", "purpose", "prompt_id", "candidate_idx", "task", "completion", "messages_json"))
+            .select("round_id", "purpose", "prompt_id", "candidate_idx", "task", "completion", "messages_json",
+                    # generate.greedy_answer made candidate 0 greedy (on the prompts that ask for a short answer).
+                    ((F.col("candidate_idx") == 0)
+                     & F.coalesce(F.get_json_object("sampling", "$.greedy_answer") == "true", F.lit(False)))
+                    .alias("greedy")))
     t0 = time.perf_counter()
     # By prompt: rewards that compare a prompt's candidates (majority vote) need them in one partition, sorted so
     # the worker can keep each prompt's rows together across Arrow batches. A prompt's candidates of another

@@ -174,3 +174,23 @@ def test_a_mostly_floor_only_task_gets_a_warning_naming_what_to_add():
                      "math": {"prompts": 10, "floor_only": 5, "rewards": {}}}}
     [line] = warnings(cov)
     assert line.startswith("task 'chat': 6 of 10") and "judge" in line and "tao train-reward" in line
+
+
+def test_the_policys_greedy_answer_anchors_the_vote():
+    """With the greedy answer among the candidates (generate.greedy_answer), an answer that agrees with it scores 1
+    and one that does not half its share of the vote: a sampled majority (here three bare 20s) never outranks the
+    policy's mode. The anchor is read through the score frame's ``greedy`` column; without it, the vote is as
+    before, and a greedy answer with no number anchors nothing."""
+    q = "A box holds 6 eggs. How many eggs are in 4 boxes? Answer with a single number."
+    answers = ["6 * 4 = 24, so 24.", "20", "20", "20", "The answer is 24."]
+    anchored = self_consistency([q] * 5, answers, greedy=[True, False, False, False, False])
+    assert anchored == pytest.approx([1.0, 0.0, 0.0, 0.0, 1.0])  # only the greedy answer shows work: it alone votes
+    bare = ["24", "20", "20", "20", "24"]
+    assert self_consistency([q] * 5, bare, greedy=[True] + [False] * 4) == pytest.approx([1, .3, .3, .3, 1])
+    assert self_consistency([q] * 5, bare) == pytest.approx([.4, .6, .6, .6, .4])
+    assert self_consistency([q] * 3, ["no idea", "20", "20"], greedy=[True, False, False]) == \
+        pytest.approx([0.0, 2 / 3, 2 / 3])
+    msgs = json.dumps([{"role": "user", "content": q}])
+    frame = pd.DataFrame({"messages_json": [msgs] * 5, "completion": bare, "task": "t",
+                          "greedy": [True] + [False] * 4})
+    assert score_frame(frame, SPECS, CFG)["consistency"].tolist() == pytest.approx([1, .3, .3, .3, 1])

@@ -305,3 +305,38 @@ def test_several_requests_in_one_pass_give_what_each_alone_gives(spark, tmp_path
         return {(s.purpose, s.prompt_id, s.candidate_idx, s.reward_name): s.value for s in got}
 
     assert values("r-both") == values("r-alone") and len(values("r-both")) == 10 * (len(cfg.score.rewards) + 1)
+
+
+def test_greedy_answer_makes_candidate_0_the_policys_mode_on_answer_prompts(spark, tmp_path, tiny_model):
+    """generate.greedy_answer: on a prompt that asks for a short answer, candidate 0 is the greedy answer (what a
+    temperature-0 request gives) and candidates 1..n-1 are the samples drawn without the setting; other prompts'
+    candidates are unchanged. The setting is part of the reuse key."""
+    from tao_spark.rewards import reward_text
+    from tao_spark.rewards.verifiers import asks_short_answer
+
+    cfg = load_config(_config_file(tmp_path), _overrides(tmp_path / "home", tiny_model))
+    tables = Tables(spark, cfg.lakehouse)
+    ingest(spark, tables, [_sample(tmp_path)], cfg.ingest)
+    prompts = tables.read("prompts").where(F.col("task").isin("arithmetic", "instruct")).orderBy("prompt_id").limit(8)
+    asked = {r.prompt_id for r in prompts.select("prompt_id", F.to_json("messages").alias("m")).collect()
+             if asks_short_answer(reward_text(json.loads(r.m)))}
+    assert 0 < len(asked) < 8
+    common = {"tables": tables, "prompts": prompts, "purpose": "train", "model": cfg.model,
+              "model_path": str(tiny_model), "policy_id": "p"}
+    on = dataclasses.replace(cfg.generate, n=3, greedy_answer=True)
+    generate.sample(round_id="on", cfg=on, **common)
+    generate.sample(round_id="off", cfg=dataclasses.replace(on, greedy_answer=False), **common)
+    generate.sample(round_id="greedy", cfg=dataclasses.replace(on, n=1, temperature=0.0), **common)
+
+    def rows(round_id: str) -> dict:
+        got = tables.read("candidates").where(F.col("round_id") == round_id).collect()
+        return {(c.prompt_id, c.candidate_idx): c.completion for c in got}
+
+    got, off, greedy = rows("on"), rows("off"), rows("greedy")
+    assert len(got) == len(off) == 24
+    for (pid, idx), text in got.items():
+        assert text == (greedy[(pid, 0)] if pid in asked and idx == 0 else off[(pid, idx)])
+    assert any(got[(pid, 0)] != off[(pid, 0)] for pid in asked)
+    # The reuse key tells the two apart: a later round with the setting off reuses "off"'s rows, not "on"'s.
+    again = generate.sample(round_id="off2", cfg=dataclasses.replace(on, greedy_answer=False), **common)
+    assert again.reused == 24 and rows("off2") == off
