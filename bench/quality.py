@@ -214,6 +214,11 @@ def collect(arm: str, home: Path, cfg_overrides: list[str], fixed: set[str] | No
                          "expected": answers.get(p["client_id"] or "")})
         return rows
 
+    # The base's reward on every held-out prompt a round compared it on (its greedy answer does not change), so
+    # each round can be compared with the base, not only with its own baseline, on the prompts where it was.
+    base_ids = {r["round_id"] for r in rounds if r["baseline_model"] == rounds[0]["baseline_model"]}
+    base_reward = {e["prompt_id"]: e["champion_reward"] for e in evals if e["round_id"] in base_ids}
+
     table = []
     base_rows = rows_of(first, "champion")
     base = {"arm": arm, "round": 0, "model": cfg.model.path, **answer_figures(base_rows),
@@ -229,6 +234,7 @@ def collect(arm: str, home: Path, cfg_overrides: list[str], fixed: set[str] | No
                       **({"win_rate": ev.overall.win_rate, "win_rate_low": ev.overall.win_rate_low,
                           "win_rate_high": ev.overall.win_rate_high, "heldout_prompts": ev.overall.prompts}
                          if ev else {}),
+                      **vs_base([e for e in evals if e["round_id"] == r["round_id"]], base_reward),
                       "pairs": r["pairs"], "n_prompts": r["n_prompts"], "n_train": r["n_train"],
                       "promoted": r["promoted"],
                       "gate_reason": r["gate_reason"], "baseline": r["baseline_model"],
@@ -236,18 +242,36 @@ def collect(arm: str, home: Path, cfg_overrides: list[str], fixed: set[str] | No
     return table, fixed
 
 
+def vs_base(evals: list[dict[str, Any]], base_reward: dict[str, float]) -> dict[str, Any]:
+    """A round's win rate against the base model (ties half, bootstrap 95% interval, seed 0) on its held-out prompts
+    whose base answer some round scored."""
+    import numpy as np
+
+    from tao_spark.evaluate import win_rate
+
+    pairs = [(e["challenger_reward"], base_reward[e["prompt_id"]]) for e in evals
+             if e["prompt_id"] in base_reward and e["challenger_reward"] is not None
+             and base_reward[e["prompt_id"]] is not None]
+    if not pairs:
+        return {}
+    rate, low, high = win_rate(np.array([1.0 if c > b else 0.5 if c == b else 0.0 for c, b in pairs]))
+    return {"win_vs_base": rate, "win_vs_base_low": low, "win_vs_base_high": high, "win_vs_base_prompts": len(pairs)}
+
+
 def markdown(result: dict[str, Any]) -> str:
     cols = [("arm", "{}"), ("round", "{}"), ("compliance", "{:.3f}"), ("compliance_low", "{:.3f}"),
             ("compliance_high", "{:.3f}"), ("arithmetic_accuracy", "{:.3f}"),
             ("support_reward", "{:.3f}"), ("reward", "{:.3f}"), ("tokens", "{:.1f}"), ("capped", "{:.2f}"),
             ("distinct2", "{:.3f}"), ("entropy", "{:.2f}")]
-    head = [c for c, _ in cols] + ["win rate [95% CI]", "pairs", "promoted"]
+    head = [c for c, _ in cols] + ["win rate [95% CI]", "vs base [95% CI] (prompts)", "pairs", "promoted"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["table"]:
         cells = [f.format(r[c]) if r.get(c) is not None else "-" for c, f in cols]
         wr = (f"{r['win_rate']:.3f} [{r['win_rate_low']:.3f}, {r['win_rate_high']:.3f}]"
               if r.get("win_rate") is not None else "-")
-        cells += [wr, str(r.get("pairs", "-")), {True: "yes", False: "no"}.get(r.get("promoted"), "-")]
+        vb = (f"{r['win_vs_base']:.3f} [{r['win_vs_base_low']:.3f}, {r['win_vs_base_high']:.3f}] "
+              f"({r['win_vs_base_prompts']})" if r.get("win_vs_base") is not None else "-")
+        cells += [wr, vb, str(r.get("pairs", "-")), {True: "yes", False: "no"}.get(r.get("promoted"), "-")]
         lines.append("| " + " | ".join(cells) + " |")
     kinds = sorted({k for r in result["table"] for k in r["compliance_by_kind"]})
     lines += ["", "Instruction-level compliance per constraint kind:", "",

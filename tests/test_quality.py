@@ -39,6 +39,11 @@ def test_quality_benchmark_tables_two_rounds_on_a_fixed_heldout_set(tiny_model: 
     for r in table[1:]:
         assert r["win_rate_low"] <= r["win_rate"] <= r["win_rate_high"] and r["pairs"] > 0
     assert table[2]["n_prompts"] > table[1]["n_prompts"]  # the log grew between the rounds
+    # Against the base: round 1's baseline is the base, so it is its own win rate on the same prompts; round 2 is
+    # compared on the held-out prompts whose base answer a round scored (its own set if it ran against the base).
+    assert table[1]["win_vs_base"] == pytest.approx(table[1]["win_rate"])
+    assert table[1]["win_vs_base_prompts"] == table[1]["heldout_prompts"]
+    assert table[1]["win_vs_base_prompts"] <= table[2]["win_vs_base_prompts"] <= table[2]["heldout_prompts"]
     assert set(result["ceiling"]) == {"best_of_3_compliance", "sampled_compliance_n3", "best_of_3_arithmetic",
                                       "majority_at_3_arithmetic"}
     assert result["ceiling"]["best_of_3_compliance"] >= result["ceiling"]["sampled_compliance_n3"]
