@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -28,15 +27,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
-
-ANSWERS = common.ROOT / "tao_spark" / "data" / "arithmetic_answers.json"
-
-
-def right(text: str, want: float | None) -> bool:
-    from tao_spark.rewards.verifiers import final_number
-
-    got = final_number(text)
-    return want is not None and got is not None and math.isclose(got, want, abs_tol=1e-6)
+from quality import ANSWERS  # noqa: E402
+from quality import correct as right  # noqa: E402  # the quality benchmark's test of an answer
 
 
 def rate(k: int, n: int) -> list[float]:
@@ -64,6 +56,7 @@ def main() -> None:
     from tao_spark.engines import TransformersGenerator, set_torch_threads
     from tao_spark.generate import Sampling, _candidates, prompt_seed
     from tao_spark.score import COMBINED, score_frame
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="a tiny random model on 8 prompts (smoke run)")
     ap.add_argument("--out", type=Path, default=common.ROOT / "bench" / "results" / "answer_pairs.json")

@@ -107,8 +107,10 @@ def _candidates(gen: Any, chats: list[Any], seeds: list[int], s: Sampling) -> li
 
     Why: on the project's arithmetic prompts SmolLM2-135M's greedy answer is right 12% of the time and its samples at
     temperature 0.9 3%, so a pair of two samples carries no correctness signal (chosen right 2 of 68, rejected 1);
-    with the greedy answer it carries some (chosen right 11 of 90, rejected 1: ``bench/answer_pairs.py``). The samples are drawn as without it (same
-    seeds), and candidate 0's sample is replaced, so candidates 1..n-1 do not depend on the setting.
+    with the greedy answer it carries some (chosen right 11 of 90, rejected 1: ``bench/answer_pairs.py``).
+
+    The samples are drawn as without it (same seeds) and candidate 0's sample is replaced, so candidates 1..n-1 do
+    not depend on the setting; the one wasted stream per answer-type prompt buys that.
     """
     outs = gen.generate(chats, n=s.n, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                         seeds=seeds)
